@@ -1,0 +1,3 @@
+from vkd_shim.bootstrap import boot
+
+boot()
