@@ -1,0 +1,397 @@
+"""Structured JSON events, rate limiting and a device-side metric buffer for the vision-KD shim.
+
+The shim runs inside someone else's training process, so this module owns its output end to end:
+one structlog logger built with ``structlog.wrap_logger`` (processors pinned on the logger, never
+``structlog.configure``), writing one JSON object per line to its own sink. The application's
+structlog or stdlib logging setup cannot reroute or reformat our lines, and ours cannot change theirs.
+
+It imports only the stdlib and structlog. Tensors are duck-typed, and torch.distributed is consulted
+only when the training process has already imported it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import operator
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from datetime import datetime, timezone
+from types import MappingProxyType
+from typing import Any, TextIO
+
+import structlog
+
+ENV_LOG_FILE = "VKD_LOG_FILE"
+
+EVENTS: Mapping[str, str] = MappingProxyType(
+    {
+        "vkd.activate": "bootstrap activated in this process (gate on, hooks registered)",
+        "vkd.config": "resolved config with the source of each value (once per process)",
+        "vkd.config.invalid": "config failed validation (field, source, allowed)",
+        "vkd.config.note": "legal but odd config (e.g. weight 0)",
+        "vkd.version": "ms-swift version outside the supported matrix",
+        "vkd.patch": "one per patch point: status applied|skipped|failed, target, swift_version, reason",
+        "vkd.unpatch": "patches removed by deactivate()",
+        "vkd.refuse": "run refused before model loading (reason, fix)",
+        "vkd.attach": "capture attached to student/teacher (targets, shared modules)",
+        "vkd.aligner_frozen": "student aligner has no trainable parameters",
+        "vkd.skip": "a micro-batch's term skipped (reason, e.g. shape mismatch, with both shapes)",
+        "vkd.nonfinite": "non-finite features masked or raised (step, mode, target, count)",
+        "vkd.log_file_error": "VKD_LOG_FILE could not be opened or written; lines go to stderr from then on",
+    }
+)
+
+LOGGER_NAME = "vkd_shim"
+
+# Keys every line starts with, in this order; caller context and fields come after them.
+_RESERVED = ("timestamp", "level", "event", "pid", "rank", "local_rank", "world_size", "logger")
+_LEVELS = frozenset({"debug", "info", "warning", "error"})
+
+
+def rank_info(environ: Mapping[str, str] | None = None) -> dict[str, int]:
+    """Return ``{"rank", "local_rank", "world_size"}`` for the line being written.
+
+    An initialized process group is the truth once it exists (launchers may set RANK to something
+    stale); before that, torchrun's environment is. torch is never imported here: if the training
+    process has not imported torch.distributed, it cannot have a process group.
+    """
+    env = os.environ if environ is None else environ
+    local_rank = _env_int(env, "LOCAL_RANK", 0)
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None:
+        try:
+            if dist.is_available() and dist.is_initialized():
+                return {
+                    "rank": int(dist.get_rank()),
+                    "local_rank": local_rank,
+                    "world_size": int(dist.get_world_size()),
+                }
+        except (AttributeError, RuntimeError, ValueError):
+            # A half-imported or torn-down torch.distributed must not cost us the line.
+            pass
+    return {
+        "rank": _env_int(env, "RANK", 0),
+        "local_rank": local_rank,
+        "world_size": _env_int(env, "WORLD_SIZE", 1),
+    }
+
+
+def _env_int(env: Mapping[str, str], name: str, default: int) -> int:
+    try:
+        return int(env.get(name, ""))
+    except ValueError:
+        return default
+
+
+def _utc_timestamp() -> str:
+    # strftime keeps the microseconds even when they are zero, unlike isoformat().
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _text(obj: object) -> str:
+    try:
+        return str(obj)
+    except Exception:
+        return f"<unrepresentable {type(obj).__name__}>"
+
+
+def _repr(obj: object) -> str:
+    try:
+        return repr(obj)
+    except Exception:
+        return f"<unrepresentable {type(obj).__name__}>"
+
+
+def _finite_or_text(value: float) -> float | str:
+    # Bare NaN/Infinity tokens are not JSON; strict log shippers reject the whole line.
+    return value if math.isfinite(value) else str(value)
+
+
+def _jsonable(value: Any) -> Any:
+    """Turn any field value into plain JSON types, because a telemetry call must not fail on data.
+
+    Numbers that are not plain ints or floats (numpy scalars, 0-d tensors) become numbers through
+    ``__index__``/``__float__``; anything else that JSON cannot hold becomes its repr.
+    """
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return _finite_or_text(value)
+    if isinstance(value, Mapping):
+        return {k if isinstance(k, str) else _text(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (set, frozenset)):
+        return sorted((_jsonable(v) for v in value), key=_repr)
+    if isinstance(value, os.PathLike):
+        return _text(os.fspath(value))
+    # A float tensor has __index__ too (it raises), so each conversion is tried in turn. float() is
+    # only offered to objects that define __float__: it would also parse bytes such as b"3".
+    with contextlib.suppress(Exception):
+        return operator.index(value)
+    if hasattr(value, "__float__"):
+        with contextlib.suppress(Exception):
+            return _finite_or_text(float(value))
+    return _repr(value)
+
+
+def _unreserve(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Move caller keys that collide with the line's own keys to ``<key>_`` so neither is lost."""
+    return {f"{k}_" if k in _RESERVED else k: v for k, v in values.items()}
+
+
+def _shape_line(_logger: Any, method_name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    """Put the fixed keys first; rank and pid are read now so lines after init/fork are right."""
+    line: dict[str, Any] = {
+        "timestamp": _utc_timestamp(),
+        "level": method_name,
+        "event": event_dict.pop("event"),
+        "pid": os.getpid(),
+        **rank_info(),
+        "logger": LOGGER_NAME,
+    }
+    for key, value in event_dict.items():
+        line[key] = _jsonable(value)
+    return line
+
+
+_PROCESSORS = (_shape_line, structlog.processors.JSONRenderer(allow_nan=False))
+_BOUND_LOGGER = structlog.make_filtering_bound_logger(logging.DEBUG)
+
+
+class _LineSink:
+    """The object structlog wraps: writes finished lines and absorbs I/O failures.
+
+    A log file that cannot be opened or written must not silence the shim (users do not read code
+    to find out why nothing happened), so the first file failure switches output to stderr and
+    leaves a note for the owning EventLogger to report.
+    """
+
+    def __init__(self, sink: TextIO | None, path: str | None) -> None:
+        self.sink = sink
+        self.path = path
+        self.dropped = 0
+        self._file: TextIO | None = None
+        self._file_error: str | None = None
+        self._unreported_error: str | None = None
+        self._lock = threading.Lock()
+
+    def _stream(self) -> TextIO:
+        if self.sink is not None:
+            return self.sink
+        if self.path is None or self._file_error is not None:
+            return sys.stderr
+        if self._file is None:
+            parent = os.path.dirname(self.path)
+            if parent:
+                os.makedirs(parent, exist_ok=True)
+            self._file = open(self.path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+        return self._file
+
+    def _write(self, line: str) -> None:
+        stream = self._stream()
+        stream.write(line + "\n")
+        stream.flush()
+
+    def msg(self, line: str) -> None:
+        with self._lock:
+            to_file = self.sink is None and self.path is not None and self._file_error is None
+            try:
+                self._write(line)
+                return
+            except (OSError, ValueError) as exc:
+                if not to_file:
+                    self.dropped += 1
+                    return
+                self._file_error = f"{type(exc).__name__}: {exc}"
+                self._unreported_error = self._file_error
+                self._close_file()
+            try:
+                self._write(line)
+            except (OSError, ValueError):
+                self.dropped += 1
+
+    debug = info = warning = error = msg
+
+    def take_file_error(self) -> str | None:
+        with self._lock:
+            error, self._unreported_error = self._unreported_error, None
+            return error
+
+    def _close_file(self) -> None:
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+            self._file = None
+
+    def close(self) -> None:
+        with self._lock:
+            self._close_file()
+
+
+class EventLogger:
+    """Writes the shim's events as JSON lines; never raises into training.
+
+    With neither ``sink`` nor ``path``, ``VKD_LOG_FILE`` (read here) names a file opened lazily in
+    append mode; without it, lines go to whatever ``sys.stderr`` is when each line is written, so
+    redirected or captured stderr works.
+    """
+
+    def __init__(self, sink: TextIO | None = None, path: str | None = None) -> None:
+        if sink is None and path is None:
+            path = os.environ.get(ENV_LOG_FILE) or None
+        self._sink = _LineSink(sink, path)
+        self._context: dict[str, Any] = {}
+        self._log = structlog.wrap_logger(
+            self._sink,
+            processors=list(_PROCESSORS),
+            wrapper_class=_BOUND_LOGGER,
+            context_class=dict,
+            cache_logger_on_first_use=True,
+        )
+
+    @property
+    def dropped(self) -> int:
+        """Lines lost to sink errors or unrenderable input since this logger was created."""
+        return self._sink.dropped
+
+    def bind(self, **ctx: Any) -> None:
+        """Add context to every later line (run id, config digest); later binds override earlier ones."""
+        ctx = _unreserve(ctx)
+        self._context.update(ctx)
+        self._log = self._log.bind(**ctx)
+
+    def event(self, name: str, level: str = "info", **fields: Any) -> None:
+        fields = _unreserve(fields)
+        normalized = "warning" if level == "warn" else level
+        if normalized not in _LEVELS:
+            fields["level_"] = level
+            normalized = "info"
+        try:
+            getattr(self._log, normalized)(name, **fields)
+        except Exception:
+            # Telemetry must never break a training step; the loss is counted instead.
+            self._sink.dropped += 1
+        error = self._sink.take_file_error()
+        if error is not None:
+            self.event("vkd.log_file_error", "error", path=self._sink.path, error=error)
+
+    def info(self, name: str, **fields: Any) -> None:
+        self.event(name, "info", **fields)
+
+    def warning(self, name: str, **fields: Any) -> None:
+        self.event(name, "warning", **fields)
+
+    def error(self, name: str, **fields: Any) -> None:
+        self.event(name, "error", **fields)
+
+    def close(self) -> None:
+        """Close the log file if one is open; a later line reopens it."""
+        self._sink.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Spawned workers may pickle objects that hold us; open files and locks do not travel.
+        return {"sink": self._sink.sink, "path": self._sink.path, "context": dict(self._context)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["sink"], state["path"])
+        self.bind(**state["context"])
+
+
+_logger: EventLogger | None = None
+_logger_lock = threading.Lock()
+
+
+def get_logger() -> EventLogger:
+    """The process-wide logger, created on first use so importing this module has no effect."""
+    global _logger
+    with _logger_lock:
+        if _logger is None:
+            _logger = EventLogger()
+        return _logger
+
+
+def reset_logger() -> None:
+    """Drop the process-wide logger (tests; after fork, so the child gets its own file handle)."""
+    global _logger
+    with _logger_lock:
+        old, _logger = _logger, None
+    if old is not None:
+        old.close()
+
+
+class RateLimiter:
+    """Lets the first call per key through in each window and counts the rest.
+
+    A NaN on every micro-step would otherwise flood log aggregation; the suppressed count travels
+    with the next emitted line so nothing is hidden.
+    """
+
+    def __init__(self, window_s: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+        if not (math.isfinite(window_s) and window_s >= 0):
+            raise ValueError(f"RateLimiter window_s must be a finite number >= 0, got {window_s!r}")
+        self._window_s = window_s
+        self._clock = clock
+        self._state: dict[str, list[float | int]] = {}
+
+    def allow(self, key: str) -> tuple[bool, int]:
+        """Return (emit now?, calls suppressed for this key since its last emit, this one included)."""
+        now = self._clock()
+        state = self._state.get(key)
+        if state is None or now - state[0] >= self._window_s:
+            suppressed = 0 if state is None else int(state[1])
+            self._state[key] = [now, 0]
+            return True, suppressed
+        state[1] += 1
+        return False, int(state[1])
+
+
+class MetricBuffer:
+    """Holds per-micro-step values on device and hands them to the trainer's metrics only at log time,
+    because ms-swift's MeanMetric.update calls .item() (a host sync) on every call."""
+
+    def __init__(self) -> None:
+        self._modes: dict[str, dict[str, list[Any]]] = {}
+
+    def add(self, mode: str, key: str, value: Any) -> None:
+        """Add one micro-step value: a 0-d tensor stays on its device (detached, fp32), or a number."""
+        if hasattr(value, "detach"):
+            if value.ndim != 0:
+                raise ValueError(
+                    f"MetricBuffer.add({mode!r}, {key!r}) takes a 0-d tensor or a number, "
+                    f"got a tensor of shape {tuple(value.shape)}"
+                )
+            # Detached so no autograd graph outlives the step; fp32 so bf16 sums do not lose steps.
+            value = value.detach().float()
+        entry = self._modes.setdefault(mode, {}).setdefault(key, [0.0, 0])
+        entry[0] = entry[0] + value
+        entry[1] += 1
+
+    def pending(self, mode: str) -> bool:
+        return bool(self._modes.get(mode))
+
+    def flush(
+        self, mode: str, metrics: Mapping[str, Any], keys: Iterable[str]
+    ) -> dict[str, tuple[float, int]]:
+        """Move this mode's sums into ``metrics[mode][key]`` with one host conversion per key.
+
+        Every key in ``keys`` is updated, with ``[]`` when nothing was added, so all ranks touch the
+        same metrics (MeanMetric all-reduces each one at log time). ``update([mean] * count)`` adds
+        the sum and the count, so the logged value is the mean over all micro-batches of all ranks.
+        Values added under keys not in ``keys`` are discarded with the buffer.
+        """
+        buffered = self._modes.pop(mode, {})
+        table = metrics[mode]
+        result: dict[str, tuple[float, int]] = {}
+        for key in dict.fromkeys(keys):
+            total, count = buffered.get(key, (0.0, 0))
+            host = float(total)
+            mean = host / count if count else 0.0
+            table[key].update([mean] * count)
+            result[key] = (host, count)
+        return result
