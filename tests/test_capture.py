@@ -1,0 +1,583 @@
+"""Capture on real (tiny) Qwen-VL module trees: what fires, what is kept, and for how long."""
+
+from __future__ import annotations
+
+import ast
+import gc
+import importlib.util
+import json
+import pathlib
+import pickle
+import subprocess
+import sys
+import weakref
+
+import pytest
+import tiny_models
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+from vkd_shim.capture import (
+    STUDENT,
+    TEACHER,
+    CaptureError,
+    FeatureCapture,
+    RoleUnknownError,
+    TargetResolutionError,
+    resolve_targets,
+    unwrap,
+)
+
+KINDS = ("merger", "deepstack")
+TARGETS = ["merger", "deepstack_0", "deepstack_1"]
+
+
+@pytest.fixture(scope="module")
+def student() -> nn.Module:
+    return tiny_models.build_qwen3_vl(seed=0)
+
+
+@pytest.fixture(scope="module")
+def teacher() -> nn.Module:
+    return tiny_models.build_qwen3_vl(seed=1)
+
+
+@pytest.fixture(scope="module")
+def qwen2_5() -> nn.Module:
+    return tiny_models.build_qwen2_5_vl(seed=0)
+
+
+@pytest.fixture(scope="module")
+def vision(student):
+    return tiny_models.vision_inputs(student.config, n_images=2, seed=3)
+
+
+@pytest.fixture
+def make_capture():
+    """Builds captures and detaches them all at teardown: the models are shared by the module."""
+    made: list[FeatureCapture] = []
+
+    def make(*args, **kwargs) -> FeatureCapture:
+        capture = FeatureCapture(*args, **kwargs)
+        made.append(capture)
+        return capture
+
+    yield make
+    for capture in made:
+        capture.detach()
+
+
+class Wrapper(nn.Module):
+    """Stands in for DDP / a DeepSpeed engine: the wrapped model sits at `.module`."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+
+def image_features(model: nn.Module, vision: dict) -> dict[str, torch.Tensor]:
+    """What the language model receives: merger and deepstack outputs, all images concatenated."""
+    with torch.no_grad():
+        out = model.model.get_image_features(**vision)
+    features = {"merger": torch.cat(out.pooler_output)}
+    for index, per_image in enumerate(out.deepstack_features):
+        features[f"deepstack_{index}"] = torch.cat(per_image)
+    return features
+
+
+def count_hooks(model: nn.Module) -> int:
+    return sum(len(module._forward_hooks) for module in model.modules())
+
+
+def swift_declared_aligner(arch: str) -> list[str]:
+    """The aligner paths the installed ms-swift declares for `arch`, read from its source.
+
+    Parsing instead of importing keeps ms-swift (and its import-time side effects) out of this
+    test process while still following whatever the installed version declares.
+    """
+    package = importlib.util.find_spec("swift")
+    source = pathlib.Path(next(iter(package.submodule_search_locations)), "model", "model_arch.py")
+    for node in ast.walk(ast.parse(source.read_text())):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id == "MultiModelKeys"
+            and node.args
+            and ast.unparse(node.args[0]) == f"MLLMModelArch.{arch}"
+        ):
+            for keyword in node.keywords:
+                if keyword.arg == "aligner":
+                    value = ast.literal_eval(keyword.value)
+                    return [value] if isinstance(value, str) else value
+    raise LookupError(f"ms-swift declares no aligner for {arch}")
+
+
+# --- resolution -----------------------------------------------------------------------------
+
+
+def test_resolves_merger_and_every_deepstack_layer(student):
+    targets = resolve_targets(student, KINDS)
+
+    assert list(targets) == TARGETS
+    assert targets["merger"] is student.model.visual.merger
+    assert targets["deepstack_0"] is student.model.visual.deepstack_merger_list[0]
+    assert targets["deepstack_1"] is student.model.visual.deepstack_merger_list[1]
+
+
+def test_deepstack_layer_subset(student):
+    targets = resolve_targets(student, ["deepstack"], deepstack_layers=[1])
+
+    assert list(targets) == ["deepstack_1"]
+    assert targets["deepstack_1"] is student.model.visual.deepstack_merger_list[1]
+
+
+@pytest.mark.parametrize("layer", [2, -1])
+def test_out_of_range_deepstack_layer_is_refused(student, layer):
+    with pytest.raises(TargetResolutionError) as error:
+        resolve_targets(student, KINDS, deepstack_layers=[0, layer])
+
+    message = str(error.value)
+    assert f"deepstack layer {layer}" in message
+    assert "Qwen3VLForConditionalGeneration" in message
+    assert "valid layers are 0..1" in message
+
+
+def test_unknown_kind_is_refused(student):
+    with pytest.raises(TargetResolutionError, match=r"allowed kinds are \['merger', 'deepstack'\]"):
+        resolve_targets(student, ["merger", "projector"])
+
+
+def test_qwen2_5_vl_has_a_merger_but_no_deepstack(qwen2_5):
+    assert resolve_targets(qwen2_5, ["merger"]) == {"merger": qwen2_5.model.visual.merger}
+
+    with pytest.raises(TargetResolutionError) as error:
+        resolve_targets(qwen2_5, KINDS)
+
+    message = str(error.value)
+    assert "Qwen2_5_VLForConditionalGeneration" in message
+    assert "requested target 'deepstack'" in message
+    assert "merger at 'model.visual.merger'" in message
+    assert "0 deepstack mergers" in message
+
+
+def test_qwen2_5_vl_merger_capture_equals_image_features(qwen2_5, make_capture):
+    # 56x56 px at patch 14 -> 4x4 patches -> 4 tokens, inside one 112 px attention window, so
+    # Qwen2.5-VL's window reordering leaves the merger rows in the order the LM receives them.
+    vision = tiny_models.vision_inputs(qwen2_5.config, n_images=2, image_hw=(56, 56), seed=4)
+    with torch.no_grad():
+        expected = torch.cat(qwen2_5.model.get_image_features(**vision).pooler_output)
+    capture = make_capture(qwen2_5, None, ["merger"])
+    capture.attach()
+
+    with capture.window(), capture.role(STUDENT), torch.no_grad():
+        qwen2_5.model.get_image_features(**vision)
+        taken = capture.take()
+
+    assert taken[STUDENT]["merger"].shape == (8, 64)
+    torch.testing.assert_close(taken[STUDENT]["merger"], expected, rtol=0, atol=0)
+
+
+def test_resolves_through_peft_and_ddp_like_wrappers():
+    model = tiny_models.build_qwen3_vl(seed=0)
+    merger = model.model.visual.merger
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    wrapped = Wrapper(Wrapper(peft_model))
+
+    assert unwrap(wrapped) is model
+    targets = resolve_targets(wrapped, KINDS)
+    assert targets["merger"] is merger
+    assert targets["deepstack_1"] is model.model.visual.deepstack_merger_list[1]
+
+
+def test_swift_declared_aligner_paths_resolve(student):
+    declared = swift_declared_aligner("qwen3_vl")
+
+    assert declared == ["model.visual.merger", "model.visual.deepstack_merger_list"]
+    assert resolve_targets(student, KINDS, aligner=declared) == resolve_targets(student, KINDS)
+
+
+def test_declared_aligner_wins_over_the_qwen_layout(student):
+    # A single non-list module declared as aligner is the merger, even where the Qwen fallback
+    # path would find a different module.
+    targets = resolve_targets(student, ["merger"], aligner=["model.visual.deepstack_merger_list.0"])
+
+    assert targets["merger"] is student.model.visual.deepstack_merger_list[0]
+
+
+def test_several_declared_modules_prefer_the_one_named_merger(student):
+    # Omni-style declarations list audio projectors beside the visual merger.
+    aligner = ["model.visual.blocks.0.mlp", "model.visual.merger", "model.visual.deepstack_merger_list"]
+
+    assert resolve_targets(student, KINDS, aligner=aligner) == resolve_targets(student, KINDS)
+
+
+def test_ambiguous_declared_aligner_is_refused(student):
+    with pytest.raises(TargetResolutionError, match="ambiguous 'merger' aligner"):
+        resolve_targets(
+            student, ["merger"], aligner=["model.visual.blocks.0.mlp", "model.visual.blocks.1.mlp"]
+        )
+
+
+def test_teacher_with_fewer_deepstack_layers_is_refused_up_front(student):
+    shallow = tiny_models.build_qwen3_vl(
+        seed=1, config=tiny_models.qwen3_vl_config(vision_config={"deepstack_visual_indexes": [0]})
+    )
+
+    with pytest.raises(TargetResolutionError, match="differ from teacher targets"):
+        FeatureCapture(student, shallow, KINDS)
+
+
+# --- recording --------------------------------------------------------------------------------
+
+
+def test_hooks_fire_once_per_target_per_vision_call(student, teacher, vision, make_capture):
+    capture = make_capture(student, teacher, KINDS)
+    capture.attach()
+
+    with capture.window(), torch.no_grad():
+        student.model.get_image_features(**vision)
+        assert capture.calls == {(STUDENT, target): 1 for target in TARGETS}
+        student.model.get_image_features(**vision)
+        assert capture.calls == {(STUDENT, target): 2 for target in TARGETS}
+
+
+def test_captures_equal_what_the_language_model_receives(student, teacher, vision, make_capture):
+    expected = image_features(student, vision)
+    capture = make_capture(student, teacher, KINDS)
+    capture.attach()
+
+    with capture.window(), torch.no_grad():
+        student.model.get_image_features(**vision)
+        taken = capture.take()
+
+    assert list(taken) == [STUDENT]
+    assert list(taken[STUDENT]) == TARGETS
+    # 2 images of 4x4 patches, 2x2 merge -> 2 * 4 = 8 token rows of out_hidden_size 64.
+    assert taken[STUDENT]["merger"].shape == (8, 64)
+    for target in TARGETS:
+        torch.testing.assert_close(taken[STUDENT][target], expected[target], rtol=0, atol=0)
+
+
+def test_separate_teacher_capture_equals_teacher_alone(student, teacher, vision, make_capture):
+    expected = image_features(teacher, vision)
+    capture = make_capture(student, teacher, KINDS)
+    capture.attach()
+    assert not capture.shared
+
+    with capture.window(), torch.no_grad():
+        student.model.get_image_features(**vision)
+        teacher.model.get_image_features(**vision)
+        taken = capture.take()
+
+    for target in TARGETS:
+        torch.testing.assert_close(taken[TEACHER][target], expected[target], rtol=0, atol=0)
+    assert not torch.allclose(taken[TEACHER]["merger"], taken[STUDENT]["merger"])
+
+
+def test_unshared_module_trusts_its_owner_over_the_role(student, teacher, vision, make_capture):
+    capture = make_capture(student, teacher, ["merger"])
+    capture.attach()
+
+    with capture.window(), torch.no_grad(), capture.role(TEACHER):
+        student.model.get_image_features(**vision)
+        assert capture.calls == {(STUDENT, "merger"): 1}
+
+
+def test_full_forward_captures_for_the_student(student, teacher, make_capture):
+    inputs = tiny_models.forward_inputs(student.config, n_images=2, seed=5)
+    expected = image_features(student, {k: inputs[k] for k in ("pixel_values", "image_grid_thw")})
+    capture = make_capture(student, teacher, KINDS)
+    capture.attach()
+
+    with capture.window():
+        output = student(**inputs)
+        taken = capture.take()
+        assert capture.calls == {(STUDENT, target): 1 for target in TARGETS}
+
+    assert torch.isfinite(output.loss)
+    for target in TARGETS:
+        torch.testing.assert_close(taken[STUDENT][target], expected[target])
+        assert taken[STUDENT][target].grad_fn is not None
+
+
+def test_image_and_video_forward_concatenates_calls_in_order(student, teacher, make_capture):
+    inputs = tiny_models.forward_inputs(student.config, n_images=1, n_videos=1, seed=7)
+    with torch.no_grad():
+        images = student.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+        videos = student.model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])
+    capture = make_capture(student, teacher, KINDS)
+    capture.attach()
+
+    with capture.window(), torch.no_grad():
+        student(**inputs)
+        calls = capture.calls
+        taken = capture.take()
+
+    # Without DeepSpeed the tower runs once for images and once for videos.
+    assert calls == {(STUDENT, target): 2 for target in TARGETS}
+    # 1 image (4x4 patches) -> 4 tokens; 1 video of 4 frames (2x4x4 patches) -> 8 tokens.
+    assert taken[STUDENT]["merger"].shape == (12, 64)
+    expected_merger = torch.cat([*images.pooler_output, *videos.pooler_output])
+    torch.testing.assert_close(taken[STUDENT]["merger"], expected_merger)
+    expected_deepstack = torch.cat([*images.deepstack_features[1], *videos.deepstack_features[1]])
+    torch.testing.assert_close(taken[STUDENT]["deepstack_1"], expected_deepstack)
+
+
+def test_teacher_features_are_detached_student_keep_their_graph(student, teacher, vision, make_capture):
+    capture = make_capture(student, teacher, ["merger"])
+    capture.attach()
+
+    with capture.window():
+        student.model.get_image_features(**vision)
+        teacher.model.get_image_features(**vision)  # grad mode on: only the role detaches it
+        taken = capture.take()
+
+    assert taken[STUDENT]["merger"].grad_fn is not None
+    assert taken[TEACHER]["merger"].grad_fn is None
+    assert not taken[TEACHER]["merger"].requires_grad
+
+
+# --- nothing outside the window ----------------------------------------------------------------
+
+
+def test_nothing_recorded_outside_a_window_including_generate(student, teacher, make_capture):
+    inputs = tiny_models.forward_inputs(student.config, n_images=1, seed=9)
+    inputs.pop("labels")
+    fired: list[int] = []
+    witness = student.model.visual.merger.register_forward_hook(lambda *_: fired.append(1))
+    capture = make_capture(student, teacher, KINDS)
+    capture.attach()
+    try:
+        with torch.no_grad():
+            student(**inputs)
+            generated = student.generate(**inputs, max_new_tokens=3, do_sample=False)
+    finally:
+        witness.remove()
+
+    assert generated.shape[1] == inputs["input_ids"].shape[1] + 3
+    assert len(fired) == 2  # the merger ran in the forward and in generate's prefill
+    assert capture.calls == {}
+    with capture.window():
+        assert capture.take() == {}
+    with pytest.raises(CaptureError, match="outside a window"):
+        capture.take()
+
+
+def test_window_exit_drops_every_reference(student, teacher, vision, make_capture):
+    capture = make_capture(student, teacher, ["merger"])
+    capture.attach()
+
+    with capture.window(), torch.no_grad():
+        student.model.get_image_features(**vision)  # result discarded: the store holds the only ref
+        captured = weakref.ref(capture.take()[STUDENT]["merger"])
+        assert captured() is not None
+
+    gc.collect()
+    assert captured() is None
+    assert capture.calls == {}
+
+
+def test_window_exit_clears_after_an_exception(student, teacher, vision, make_capture):
+    capture = make_capture(student, teacher, ["merger"])
+    capture.attach()
+
+    with pytest.raises(ZeroDivisionError), capture.window(), torch.no_grad():
+        student.model.get_image_features(**vision)
+        assert capture.calls == {(STUDENT, "merger"): 1}
+        _ = 1 / 0
+
+    assert capture.calls == {}
+    with torch.no_grad():
+        student.model.get_image_features(**vision)
+    assert capture.calls == {}  # disarmed again: the failed window did not leave recording on
+
+
+def test_windows_do_not_nest_and_need_hooks(student, teacher, make_capture):
+    capture = make_capture(student, teacher, ["merger"])
+    with pytest.raises(CaptureError, match="attach"), capture.window():
+        pass
+
+    capture.attach()
+    with capture.window(), pytest.raises(CaptureError, match="already open"), capture.window():
+        pass
+
+
+# --- hook lifecycle ---------------------------------------------------------------------------
+
+
+def test_attach_twice_registers_and_records_once(student, teacher, vision, make_capture):
+    capture = make_capture(student, teacher, KINDS)
+    capture.attach()
+    capture.attach()
+
+    assert len(student.model.visual.merger._forward_hooks) == 1
+    assert len(teacher.model.visual.merger._forward_hooks) == 1
+    assert count_hooks(student) == 3
+    with capture.window(), torch.no_grad():
+        student.model.get_image_features(**vision)
+        assert capture.calls == {(STUDENT, target): 1 for target in TARGETS}
+
+
+def test_hooks_hold_only_a_picklable_store(student, teacher, make_capture):
+    capture = make_capture(student, teacher, ["merger"])
+    capture.attach()
+
+    (hook,) = student.model.visual.merger._forward_hooks.values()
+    restored = pickle.loads(pickle.dumps(hook))
+    # A closure over the model would drag its parameters along; the store pickles in bytes.
+    assert len(pickle.dumps(hook)) < 2000
+    assert restored.args[1:] == ("merger", STUDENT)
+
+
+def test_detach_leaves_the_model_as_before(student, teacher, vision, make_capture):
+    before = {key: value.clone() for key, value in student.state_dict().items()}
+    hooks_before = count_hooks(student) + count_hooks(teacher)
+    capture = make_capture(student, teacher, KINDS)
+    capture.attach()
+    with capture.window(), torch.no_grad():
+        student.model.get_image_features(**vision)
+
+    capture.detach()
+
+    assert hooks_before == 0
+    assert count_hooks(student) == 0
+    assert count_hooks(teacher) == 0
+    after = student.state_dict()
+    assert list(after) == list(before)
+    for key, value in before.items():
+        assert torch.equal(after[key], value), key
+    assert not capture.attached
+    with pytest.raises(CaptureError, match="attach"), capture.window():
+        pass
+
+
+# --- self-distillation: one model, two roles --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lora_on_merger():
+    """LoRA on the LM's q/v and on the final merger, with random B so adapters change outputs."""
+    model = tiny_models.build_qwen3_vl(seed=0)
+    config = LoraConfig(
+        r=4,
+        init_lora_weights=False,
+        target_modules=r".*language_model.*\.(q_proj|v_proj)|.*visual\.merger\.linear_fc[12]",
+    )
+    return get_peft_model(model, config)
+
+
+def test_shared_modules_attribute_by_role(lora_on_merger, vision, make_capture):
+    base = image_features(tiny_models.build_qwen3_vl(seed=0), vision)
+    capture = make_capture(lora_on_merger, lora_on_merger, KINDS)
+    capture.attach()
+    assert capture.shared
+    assert count_hooks(lora_on_merger) == 3  # one hook per shared module, not one per role
+
+    with capture.window():
+        with capture.role(STUDENT):
+            lora_on_merger.base_model.model.model.get_image_features(**vision)
+            with capture.role(TEACHER), lora_on_merger.disable_adapter(), torch.no_grad():
+                lora_on_merger.base_model.model.model.get_image_features(**vision)
+        taken = capture.take()
+
+    student_merger, teacher_merger = taken[STUDENT]["merger"], taken[TEACHER]["merger"]
+    torch.testing.assert_close(teacher_merger, base["merger"])
+    assert not torch.allclose(student_merger, teacher_merger, atol=1e-3)
+    # The adapters sit on the final merger only: deepstack outputs agree across roles.
+    torch.testing.assert_close(taken[STUDENT]["deepstack_0"], taken[TEACHER]["deepstack_0"])
+    assert student_merger.grad_fn is not None
+    assert teacher_merger.grad_fn is None
+
+
+def test_teacher_none_means_self_distillation(lora_on_merger, make_capture):
+    capture = make_capture(lora_on_merger, None, ["merger"])
+
+    assert capture.shared
+    assert capture.targets == ("merger",)
+
+
+def test_shared_module_without_role_is_reported_from_take(lora_on_merger, vision, make_capture):
+    capture = make_capture(lora_on_merger, None, ["merger"])
+    capture.attach()
+
+    with capture.window(), torch.no_grad():
+        features = lora_on_merger.base_model.model.model.get_image_features(**vision)
+        assert torch.cat(features.pooler_output).shape == (8, 64)  # the forward itself succeeded
+        with pytest.raises(RoleUnknownError, match=r"no role set \(target -> calls: \{'merger': 1\}\)"):
+            capture.take()
+
+
+def test_role_rejects_unknown_names(lora_on_merger, make_capture):
+    capture = make_capture(lora_on_merger, None, ["merger"])
+
+    with pytest.raises(ValueError, match="unknown role 'techer'"), capture.role("techer"):
+        pass
+
+
+# --- output shapes from other transformers versions ---------------------------------------------
+
+
+class TupleMerger(nn.Module):
+    """A merger that returns (features, extra) like some transformers 4.57 vision modules."""
+
+    def __init__(self, as_dict: bool = False) -> None:
+        super().__init__()
+        self.linear = nn.Linear(2, 2, bias=False)
+        self.as_dict = as_dict
+
+    def forward(self, x: torch.Tensor):
+        out = self.linear(x)
+        return {"features": out} if self.as_dict else (out, x.sum())
+
+
+def legacy_layout(merger: nn.Module) -> nn.Module:
+    """`visual.merger` at the top level: the pre-4.52 Qwen-VL layout of the fallback paths."""
+    root = nn.Module()
+    root.visual = nn.Module()
+    root.visual.merger = merger
+    return root
+
+
+def test_tuple_outputs_are_normalized():
+    merger = TupleMerger()
+    capture = FeatureCapture(legacy_layout(merger), None, ["merger"])
+    capture.attach()
+    x = torch.tensor([[1.0, 2.0]])
+
+    with capture.window(), capture.role(STUDENT):
+        expected = merger(x)[0]
+        taken = capture.take()
+
+    torch.testing.assert_close(taken[STUDENT]["merger"], expected)
+    capture.detach()
+
+
+def test_unreadable_outputs_surface_from_take():
+    merger = TupleMerger(as_dict=True)
+    capture = FeatureCapture(legacy_layout(merger), None, ["merger"])
+    capture.attach()
+
+    with capture.window(), capture.role(STUDENT):
+        merger(torch.ones(1, 2))
+        with pytest.raises(CaptureError, match=r"neither a tensor nor a tuple/list.*'dict'"):
+            capture.take()
+    capture.detach()
+
+
+# --- import boundary ---------------------------------------------------------------------------
+
+
+def test_capture_and_loss_import_no_heavy_dependencies():
+    code = (
+        "import json, sys\n"
+        "import vkd_shim.capture, vkd_shim.loss\n"
+        "heavy = ('swift', 'transformers', 'structlog', 'peft')\n"
+        "print(json.dumps(sorted(name for name in heavy if name in sys.modules)))\n"
+    )
+    root = pathlib.Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120, check=True
+    )
+
+    assert json.loads(result.stdout) == []
