@@ -1,3 +1,2 @@
-from vkd_shim.bootstrap import boot
-
-boot()
+import os
+if os.environ.get("VKD_ENABLE"): __import__("vkd_shim.bootstrap").bootstrap.boot()

@@ -128,7 +128,9 @@ def doctor() -> int:
 
     _section("patch points")
     for point in patches.check_patch_points():
-        print(f"  [{'ok' if point.ok else 'MISSING'}] {point.name}{'' if point.ok else ': ' + point.reason}")
+        print(
+            f"  [{'ok' if point.ok else 'MISSING'}] {point.name}{': ' + point.reason if point.reason else ''}"
+        )
         if not point.ok:
             problems.append(f"patch point {point.name} does not resolve")
     guard = patches.version_problem()

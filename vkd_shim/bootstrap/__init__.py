@@ -23,7 +23,7 @@ HOOKS = (
     ("swift.cli.main", "vkd_shim.patches:on_cli_main"),
     ("swift.pipelines.train.rlhf", "vkd_shim.patches:on_rlhf_pipeline"),
     ("swift.rlhf_trainers.gkd_trainer", "vkd_shim.patches:on_gkd_trainer"),
-    ("swift.megatron.trainers.gkd_trainer", "vkd_shim.patches:on_megatron_gkd"),
+    ("swift.megatron.pipelines.train.rlhf", "vkd_shim.patches:on_megatron_rlhf"),
 )
 
 _active = False
@@ -119,35 +119,3 @@ def _check_config() -> None:
 def _report(message: str) -> None:
     errors.append(message)
     sys.stderr.write(f"vkd_shim: WARNING: {message}\n")
-
-
-def chain_user_sitecustomize(own_dir: str) -> None:
-    """Import the user's own ``sitecustomize``, which ours shadows by coming first on sys.path.
-
-    Only one module named ``sitecustomize`` runs per interpreter, so without this a user's
-    site setup (proxies, paths, their own instrumentation) would silently stop running.
-    """
-    own = sys.modules.pop("sitecustomize", None)
-    saved_path = list(sys.path)
-    own_real = os.path.realpath(own_dir)
-    sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != own_real]
-    try:
-        __import__("sitecustomize")
-    except ImportError as exc:
-        if exc.name != "sitecustomize":
-            _report_user_error()
-    except Exception:
-        _report_user_error()
-    finally:
-        sys.path[:] = saved_path
-    if own is not None:
-        sys.modules.setdefault("sitecustomize", own)
-        sys.modules["vkd_shim.bootstrap.sitecustomize"] = own
-
-
-def _report_user_error() -> None:
-    """Show a failing user sitecustomize as CPython's site would, and keep booting."""
-    import traceback
-
-    sys.stderr.write("Error in the user's sitecustomize (chained by vkd_shim):\n")
-    traceback.print_exc()

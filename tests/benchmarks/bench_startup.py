@@ -1,0 +1,129 @@
+"""Interpreter start-up cost of the disabled bootstrap (``VKD_ENABLE`` unset).
+
+Measured in the leanest setting, where any cost shows most: a bare virtual environment (no
+``.pth`` files) with vkd_shim installed non-editable and byte-compiled, as from a wheel.
+Compared against a trivial one-line ``sitecustomize`` (the floor of the mechanism), with the
+variants interleaved run by run so machine noise hits all of them alike. Reported as the median
+of per-round ratios with a bootstrap confidence interval. Writes a section of
+``docs/BENCHMARKS.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import venv
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+MARK_BEGIN = "<!-- startup:begin -->"
+MARK_END = "<!-- startup:end -->"
+
+
+def time_start(python: str, pythonpath: str, env: dict, *flags: str) -> float:
+    env = dict(env, PYTHONPATH=pythonpath)
+    start = time.perf_counter()
+    subprocess.run([python, *flags, "-c", "pass"], env=env, check=True)
+    return time.perf_counter() - start
+
+
+def bootstrap_ci(ratios: list[float], rounds: int = 2000, seed: int = 0) -> tuple[float, float]:
+    rng = random.Random(seed)
+    medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(rounds))
+    return medians[int(0.025 * rounds)], medians[int(0.975 * rounds)]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=300)
+    parser.add_argument("--out", default=str(REPO / "docs" / "BENCHMARKS.md"))
+    opts = parser.parse_args()
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VKD_") and k != "PYTHONPATH"}
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(scratch)
+        venv.create(root / "venv", with_pip=False)
+        python = str(root / "venv" / "bin" / "python")
+        site = root / "site"
+        pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(REPO)]
+        subprocess.run(pip, check=True, capture_output=True)
+        trivial, example = root / "trivial", root / "example"
+        trivial.mkdir()
+        (trivial / "sitecustomize.py").write_text("import os\n")
+        shutil.copytree(REPO / "sitecustomize_example", example)
+        variants = {
+            "trivial sitecustomize (floor)": trivial,
+            "vkd-run bootstrap (chains to the user's)": site / "vkd_shim" / "bootstrap",
+            "two-line sitecustomize_example": example,
+        }
+        # Byte-compile everything, as a wheel install does (PYTHONDONTWRITEBYTECODE may be set).
+        subprocess.run([python, "-m", "compileall", "-q", str(root)], check=True)
+        paths = {name: f"{path}{os.pathsep}{site}" for name, path in variants.items()}
+        bare = []
+        times: dict[str, list[float]] = {name: [] for name in variants}
+        for _ in range(10):  # warm the page cache and .pyc files
+            for path in paths.values():
+                time_start(python, path, env)
+        order = list(variants)
+        for i in range(opts.rounds):
+            random.Random(i).shuffle(order)
+            for name in order:
+                times[name].append(time_start(python, paths[name], env))
+            bare.append(time_start(python, "", env, "-S"))
+
+    floor = times["trivial sitecustomize (floor)"]
+    rows = []
+    for name, values in times.items():
+        ratios = [v / f for v, f in zip(values, floor, strict=True)]
+        low, high = bootstrap_ci(ratios)
+        rows.append(
+            f"| {name} | {statistics.median(values) * 1e3:.2f} | {statistics.median(ratios):.3f} "
+            f"| [{low:.3f}, {high:.3f}] |"
+        )
+    section = "\n".join(
+        [
+            MARK_BEGIN,
+            "## Start-up cost of the disabled bootstrap",
+            "",
+            f"Command: `python tests/benchmarks/bench_startup.py --rounds {opts.rounds}` (`make bench`).",
+            f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
+            "`python -c pass` with `VKD_ENABLE` unset in a bare venv with vkd_shim installed non-editable; "
+            "variants interleaved in random order each round.",
+            "",
+            "| variant | median (ms) | median ratio to floor | 95 % CI (bootstrap) |",
+            "|---|---|---|---|",
+            *rows,
+            "",
+            f"For scale: `python -S -c pass` (no `site` at all) took {statistics.median(bare) * 1e3:.2f} ms.",
+            "Goal: ratio ≤ 1.03 against the trivial one-line sitecustomize.",
+            MARK_END,
+        ]
+    )
+    print(section)
+    write_section(Path(opts.out), section)
+    return 0
+
+
+def write_section(path: Path, section: str) -> None:
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    if MARK_BEGIN in text:
+        head, _, rest = text.partition(MARK_BEGIN)
+        _, _, tail = rest.partition(MARK_END)
+        text = head + section + tail
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.write_text(text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""Bootstrap and launcher across real interpreter starts (post-import hooks are process-global)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from vkd_shim.bootstrap import BOOTSTRAP_DIR
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE_DIR = REPO / "sitecustomize_example"
+HEAVY = ("torch", "transformers", "swift", "structlog", "yaml", "wrapt")
+GKD = "swift.rlhf_trainers.gkd_trainer"
+RLHF = "swift.pipelines.train.rlhf"
+
+# Printed by the child: which of our wrappers sit on the real ms-swift attributes.
+REPORT_PATCHES = textwrap.dedent(
+    """
+    import json, sys, wrapt
+    from swift.rlhf_trainers.gkd_trainer import GKDTrainer
+    from swift.pipelines.train.rlhf import SwiftRLHF
+    def depth(obj):
+        n = 0
+        while isinstance(obj, wrapt.FunctionWrapper):
+            n, obj = n + 1, obj.__wrapped__
+        return n
+    print("REPORT" + json.dumps({
+        "compute_loss": depth(GKDTrainer.__dict__["compute_loss"]),
+        "init": depth(GKDTrainer.__dict__["__init__"]),
+        "log": depth(GKDTrainer.__dict__["log"]),
+        "prepare": depth(SwiftRLHF.__dict__["_prepare_model_tokenizer"]),
+    }))
+    """
+)
+
+
+def child_env(pythonpath=(), **extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VKD_") and k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", MODELSCOPE_OFFLINE="1", TRL_EXPERIMENTAL_SILENCE="1")
+    if pythonpath:
+        env["PYTHONPATH"] = os.pathsep.join(str(p) for p in pythonpath)
+    env.update(extra)
+    return env
+
+
+def run_py(
+    code: str, *args: str, env: dict, python: str = sys.executable, cwd=None
+) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [python, *args, "-c", code], env=env, capture_output=True, text=True, timeout=300, cwd=cwd
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def report(proc: subprocess.CompletedProcess) -> dict:
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("REPORT"))
+    return json.loads(line[len("REPORT") :])
+
+
+LOADED = (
+    "import sys, json; site = getattr(sys.modules.get('sitecustomize'), '__file__', None); "
+    "print('REPORT' + json.dumps([sorted(sys.modules), site]))"
+)
+
+
+@pytest.mark.parametrize("gate", [None, "0", "false", ""])
+@pytest.mark.parametrize("site_dir", [BOOTSTRAP_DIR, EXAMPLE_DIR], ids=["packaged", "example"])
+def test_disabled_imports_nothing_heavy(gate, site_dir):
+    extra = {} if gate is None else {"VKD_ENABLE": gate}
+    proc = run_py(LOADED, env=child_env([site_dir], **extra))
+    loaded, site_file = report(proc)
+    assert Path(site_file).parent == Path(site_dir)  # our sitecustomize really ran
+    heavy = {m for m in loaded if m.split(".")[0] in HEAVY}
+    assert not heavy, heavy
+    if not gate:  # unset or empty: one lookup, not even the vkd_shim package
+        assert "vkd_shim" not in loaded
+    assert proc.stderr == ""
+
+
+def test_enabled_wraps_real_trainer_once_after_import():
+    proc = run_py(REPORT_PATCHES, env=child_env([BOOTSTRAP_DIR], VKD_ENABLE="1"))
+    assert report(proc) == {"compute_loss": 1, "init": 1, "log": 1, "prepare": 1}
+    events = [json.loads(x) for x in proc.stderr.splitlines() if x.startswith("{")]
+    applied = {e["target"] for e in events if e["event"] == "vkd.patch" and e["status"] == "applied"}
+    assert f"{GKD}:GKDTrainer.compute_loss" in applied
+    assert f"{RLHF}:SwiftRLHF._prepare_model_tokenizer" in applied
+
+
+def test_import_before_activation_double_activation_and_deactivate():
+    code = textwrap.dedent(
+        """
+        import wrapt
+        from swift.rlhf_trainers.gkd_trainer import GKDTrainer
+        from swift.pipelines.train import rlhf
+        original = GKDTrainer.__dict__["compute_loss"]
+        import vkd_shim
+        from vkd_shim import bootstrap
+        assert vkd_shim.activate() is True
+        assert vkd_shim.activate() is False        # second call: no-op
+        bootstrap.boot()                           # sitecustomize after activate(): no-op
+        wrapped = GKDTrainer.__dict__["compute_loss"]
+        assert isinstance(wrapped, wrapt.FunctionWrapper) and wrapped.__wrapped__ is original
+        assert vkd_shim.deactivate() is True
+        assert GKDTrainer.__dict__["compute_loss"] is original
+        assert not isinstance(rlhf.SwiftRLHF.__dict__["_prepare_model_tokenizer"], wrapt.FunctionWrapper)
+        assert vkd_shim.deactivate() is False
+        assert vkd_shim.activate() is True         # re-activation re-applies, still once
+        again = GKDTrainer.__dict__["compute_loss"]
+        assert isinstance(again, wrapt.FunctionWrapper) and again.__wrapped__ is original
+        print("REPORT" + "{}")
+        """
+    )
+    proc = run_py(code, env=child_env(VKD_ENABLE="1"))
+    assert report(proc) == {}
+    statuses = [json.loads(x)["status"] for x in proc.stderr.splitlines() if '"vkd.patch"' in x]
+    assert statuses.count("applied") == 2 * 3 + 2  # trainer (3) and pipeline (1), twice
+    assert any('"vkd.unpatch"' in x for x in proc.stderr.splitlines())
+
+
+def test_deactivate_before_import_leaves_later_imports_alone():
+    code = "import vkd_shim; vkd_shim.deactivate()\n" + REPORT_PATCHES
+    proc = run_py(code, env=child_env([BOOTSTRAP_DIR], VKD_ENABLE="1"))
+    assert report(proc) == {"compute_loss": 0, "init": 0, "log": 0, "prepare": 0}
+
+
+def test_both_sitecustomizes_chain_and_patch_once(tmp_path):
+    """The user's own sitecustomize (here: the two-line example) runs, and still one wrapper."""
+    user = tmp_path / "user_site"
+    user.mkdir()
+    (user / "sitecustomize.py").write_text(
+        "import os\nos.environ['USER_SITE_RAN'] = '1'\n" + (EXAMPLE_DIR / "sitecustomize.py").read_text()
+    )
+    code = "import os\nprint('USER', os.environ.get('USER_SITE_RAN'))\n" + REPORT_PATCHES
+    proc = run_py(code, env=child_env([BOOTSTRAP_DIR, user], VKD_ENABLE="1"))
+    assert "USER 1" in proc.stdout
+    assert report(proc) == {"compute_loss": 1, "init": 1, "log": 1, "prepare": 1}
+
+
+def test_failing_user_sitecustomize_is_shown_and_boot_goes_on(tmp_path):
+    user = tmp_path / "user_site"
+    user.mkdir()
+    (user / "sitecustomize.py").write_text("raise RuntimeError('user site broke')\n")
+    code = "import vkd_shim.bootstrap as b; print('REPORT' + str(b.is_active()).lower())"
+    proc = run_py(code, env=child_env([BOOTSTRAP_DIR, user], VKD_ENABLE="1"))
+    assert report(proc) is True
+    assert "user site broke" in proc.stderr
+
+
+def test_python_dash_S_runs_neither(tmp_path):
+    user = tmp_path / "user_site"
+    user.mkdir()
+    (user / "sitecustomize.py").write_text("print('USER SITE')\n")
+    proc = run_py(LOADED, "-S", env=child_env([BOOTSTRAP_DIR, user], VKD_ENABLE="1"))
+    loaded, site_file = report(proc)
+    assert "USER SITE" not in proc.stdout
+    assert not [m for m in loaded if m.startswith("vkd_shim")] and site_file is None
+
+
+def test_vkd_run_activates_child_and_grandchild(tmp_path):
+    grandchild = (
+        "import subprocess, sys; "
+        "subprocess.run([sys.executable, '-c', "
+        '\'import sys; b = sys.modules.get("vkd_shim.bootstrap"); print("GRANDCHILD", b.is_active())\'])'
+    )
+    code = (
+        f"import sys; b = sys.modules.get('vkd_shim.bootstrap'); print('CHILD', b.is_active()); {grandchild}"
+    )
+    vkd_run = Path(sys.executable).with_name("vkd-run")
+    proc = subprocess.run(
+        [str(vkd_run), "--config", str(tmp_path / "absent.yaml"), sys.executable, "-c", code],
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "CHILD True" in proc.stdout and "GRANDCHILD True" in proc.stdout
+    # The missing config is one warning line per process, not a crash of an unrelated program.
+    warnings = [x for x in proc.stderr.splitlines() if x.startswith("vkd_shim: WARNING")]
+    assert len(warnings) == 2 and "absent.yaml" in warnings[0]
+
+
+def test_vkd_run_fails_in_one_line():
+    vkd_run = Path(sys.executable).with_name("vkd-run")
+    proc = subprocess.run(
+        [str(vkd_run), "no-such-command-xyz"], capture_output=True, text=True, env=child_env()
+    )
+    assert proc.returncode == 127
+    assert proc.stderr.splitlines()[0] == "vkd-run: command not found: no-such-command-xyz"
+    assert "Traceback" not in proc.stderr
+    proc = subprocess.run([str(vkd_run)], capture_output=True, text=True, env=child_env())
+    assert proc.returncode == 2 and "no command given" in proc.stderr
+
+
+def test_vkd_run_keeps_exit_code_and_pid():
+    vkd_run = Path(sys.executable).with_name("vkd-run")
+    code = "import os, sys; print(os.getpid()); sys.exit(7)"
+    proc = subprocess.Popen(
+        [str(vkd_run), sys.executable, "-c", code], env=child_env(), stdout=subprocess.PIPE, text=True
+    )
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 7
+    assert int(out.strip()) == proc.pid  # exec, not a child process
+
+
+def test_activation_from_non_editable_install(tmp_path):
+    target = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(REPO)],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    bootstrap_dir = target / "vkd_shim" / "bootstrap"
+    assert (bootstrap_dir / "sitecustomize.py").is_file()
+    code = (
+        "import sys, json, vkd_shim; b = sys.modules['vkd_shim.bootstrap']; "
+        "print('REPORT' + json.dumps([vkd_shim.__file__, b.is_active()]))"
+    )
+    proc = run_py(code, env=child_env([bootstrap_dir, target], VKD_ENABLE="1"), cwd=tmp_path)
+    path, active = report(proc)
+    assert path.startswith(str(target)) and active is True
