@@ -110,10 +110,11 @@ def test_exception_inside_hook_is_recorded_not_raised(events, mocker):
 
 
 def test_version_guard_event(events, mocker):
-    mocker.patch.object(patches, "_swift_version", return_value="3.12.4")
+    mocker.patch.object(patches, "_swift_version", return_value="3.11.3")
     patches.on_swift(types.ModuleType("swift"))
     guard = [e for e in events() if e["event"] == "vkd.version"]
-    assert len(guard) == 1 and "3.12.4" in guard[0]["problem"] and guard[0]["level"] == "warning"
+    assert len(guard) == 1 and "3.11.3" in guard[0]["problem"] and guard[0]["level"] == "warning"
+    assert "4.6.x, 3.12.x" in guard[0]["problem"]
     assert patches.version_problem() is not None
 
 
@@ -217,19 +218,24 @@ def test_inline_block_not_a_mapping_stops_the_launcher(events, tmp_path, monkeyp
 
 def test_megatron_refuses_when_active(events):
     """megatron-core is not installed here, so ms-swift's Megatron pipeline cannot import: the hook
-    receives a stand-in module shaped like it, and the refusal must come before its __init__ runs."""
-    started = []
+    receives a stand-in module shaped like it (MegatronSft.__init__ calls _prepare_template before
+    it builds the trainer or loads weights), and the refusal must come before anything is built."""
+    built = []
 
     class MegatronRLHF:
         def __init__(self, args=None):
-            started.append(args)
+            self._prepare_template()
+            built.append(args)
+
+        def _prepare_template(self):
+            built.append("template")
 
     fake = types.ModuleType(patches.MEGATRON_MODULE)
     fake.MegatronRLHF = MegatronRLHF
     patches.on_megatron_rlhf(fake)
     with pytest.raises(patches.RefusedError, match="Megatron"):
         MegatronRLHF(["--rlhf_type", "gkd"])
-    assert started == []
+    assert built == []
 
 
 def test_patch_points_resolve_on_installed_swift():

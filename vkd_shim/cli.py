@@ -7,6 +7,7 @@ command only.
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -16,7 +17,16 @@ from vkd_shim.bootstrap import BOOTSTRAP_DIR, ENV_ENABLE, enabled
 ENV_CONFIG = "VKD_CONFIG"
 ENV_LOG_FILE = "VKD_LOG_FILE"
 
-RUN_USAGE = "usage: vkd-run [--config PATHS] [--log-file PATH] [--] command [args ...]"
+ENV_PREFIX = "VKD_"
+DEEPSPEED_ENV_FILE = ".deepspeed_env"
+
+RUN_USAGE = (
+    "usage: vkd-run [--config PATHS] [--log-file PATH] [--write-deepspeed-env] [--] command [args ...]"
+)
+# DeepSpeed's multi-node runner exports a value as it is only when it has none of these characters
+# (deepspeed/launcher/multinode_runner.py, MultiNodeRunner.add_export); otherwise it wraps it in double
+# quotes, which pdsh's remote shell removes but `mpirun -x KEY=VALUE` keeps as part of the value.
+_DEEPSPEED_QUOTED = re.compile(r"[^\w@%+=:,./-]")
 
 
 def launch_env(environ, config: "str | None" = None, log_file: "str | None" = None) -> dict:
@@ -36,10 +46,90 @@ def launch_env(environ, config: "str | None" = None, log_file: "str | None" = No
     return env
 
 
+def deepspeed_env_lines(environ) -> "list[str]":
+    """``KEY=VALUE`` lines for ``.deepspeed_env`` that carry every ``VKD_*`` setting of ``environ``.
+
+    DeepSpeed's multi-node runners (pdsh, OpenMPI, MPICH, ...) forward only variables named ``PYTHON*``
+    (plus NCCL/UCX/MV2/MLFLOW ones) and the lines of ``.deepspeed_env``: PYTHONPATH, which carries the
+    bootstrap directory, travels, but VKD_ENABLE and VKD_CONFIG do not, and a worker without them trains
+    silently without vision KD. Config and log paths are made absolute (workers may start elsewhere); a
+    value DeepSpeed would quote is refused, because mpirun would hand the quotes to the worker.
+    """
+    lines = []
+    for name in sorted(environ):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        value = environ[name]
+        if name == ENV_CONFIG:
+            value = os.pathsep.join(os.path.abspath(p) for p in value.split(os.pathsep) if p)
+        elif name == ENV_LOG_FILE and value:
+            value = os.path.abspath(value)
+        if _DEEPSPEED_QUOTED.search(value):
+            raise ValueError(
+                f"{name}={value!r} cannot travel through {DEEPSPEED_ENV_FILE}: DeepSpeed quotes values "
+                "with characters outside [A-Za-z0-9_@%+=:,./-] and mpirun keeps the quotes; use a path "
+                "without spaces or shell characters"
+            )
+        lines.append(f"{name}={value}")
+    return lines
+
+
+def write_deepspeed_env(path, environ) -> "list[str]":
+    """Put ``deepspeed_env_lines(environ)`` into the ``.deepspeed_env`` at ``path``; return them.
+
+    Other variables' lines are kept in order and earlier VKD_* lines are replaced. Blank lines are
+    dropped: DeepSpeed splits every line on ``=`` and stops on one without it.
+    """
+    lines = deepspeed_env_lines(environ)
+    kept: list[str] = []
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            kept = [x.rstrip("\n") for x in f if x.strip() and not x.lstrip().startswith(ENV_PREFIX)]
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(f"{line}\n" for line in (*kept, *lines))
+    return lines
+
+
+def deepspeed_env_problems(environ, search_dirs=None) -> "list[str]":
+    """With the gate on: a ``.deepspeed_env`` DeepSpeed would read that does not carry our settings.
+
+    DeepSpeed reads the file (``DS_ENV_FILE`` renames it) in the home directory, then in the launch
+    directory, later lines overriding earlier ones. No file at all is not reported: a single-node or
+    torchrun launch needs none.
+    """
+    if not enabled(environ):
+        return []
+    name = environ.get("DS_ENV_FILE", DEEPSPEED_ENV_FILE)
+    dirs = [os.path.expanduser("~"), os.curdir] if search_dirs is None else search_dirs
+    # An absolute DS_ENV_FILE names the same file from both directories.
+    files = list(dict.fromkeys(os.path.join(d, name) for d in dirs if os.path.isfile(os.path.join(d, name))))
+    if not files:
+        return []
+    try:
+        wanted = deepspeed_env_lines(environ)
+    except ValueError as exc:
+        return [str(exc)]
+    exported: dict[str, str] = {}
+    for path in files:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                key, sep, value = line.partition("=")
+                if sep:
+                    exported[key.strip()] = value.strip()
+    missing = [line for line in wanted if exported.get(line.partition("=")[0]) != line.partition("=")[2]]
+    if not missing:
+        return []
+    return [
+        f"{' and '.join(files)}: missing {', '.join(missing)}; DeepSpeed's multi-node workers would train "
+        "without vision KD (fix: vkd-run --write-deepspeed-env ...)"
+    ]
+
+
 def run_main(argv: "list[str] | None" = None) -> int:
     """``vkd-run``: exec the command with vision KD activated in it and in every child."""
     argv = sys.argv[1:] if argv is None else argv
     config = log_file = None
+    write_ds_env = False
     while argv and argv[0].startswith("-"):
         flag, _, value = argv[0].partition("=")
         if flag == "--":
@@ -49,6 +139,9 @@ def run_main(argv: "list[str] | None" = None) -> int:
             print(RUN_USAGE)
             print("Runs the command with VKD_ENABLE=1 and vkd_shim's bootstrap first on PYTHONPATH.")
             return 0
+        if flag == "--write-deepspeed-env" and not value:
+            write_ds_env, argv = True, argv[1:]
+            continue
         if flag not in ("--config", "--log-file"):
             return _fail(f"unknown option {flag!r}")
         if not value:
@@ -68,6 +161,13 @@ def run_main(argv: "list[str] | None" = None) -> int:
     if not os.access(executable, os.X_OK):
         return _fail(f"{executable} is not executable; try: vkd-run python {argv[0]} ...")
     env = launch_env(os.environ, config, log_file)
+    if write_ds_env:
+        target = os.environ.get("DS_ENV_FILE", DEEPSPEED_ENV_FILE)
+        try:
+            written = write_deepspeed_env(target, env)
+        except (OSError, ValueError) as exc:
+            return _fail(f"cannot write {target}: {exc}")
+        sys.stderr.write(f"vkd-run: {os.path.abspath(target)}: {', '.join(written)}\n")
     sys.stdout.flush()
     sys.stderr.flush()
     try:
@@ -92,6 +192,11 @@ def shim_main(argv: "list[str] | None" = None) -> int:
 
 
 def doctor() -> int:
+    # Read-only: when this process itself booted with VKD_ENABLE=1, looking the patch points up
+    # must not patch ms-swift (nor print event lines into the report).
+    from vkd_shim import bootstrap
+
+    bootstrap.deactivate()
     problems: list[str] = []
     _section("activation")
     gate = os.environ.get(ENV_ENABLE, "")
@@ -100,6 +205,10 @@ def doctor() -> int:
     print(f"  a child Python process started with this environment activates: {child}")
     if enabled() and child != "yes":
         problems.append("VKD_ENABLE is on but a child process would not activate (run under vkd-run)")
+
+    for problem in deepspeed_env_problems(os.environ):
+        print(f"  {problem}")
+        problems.append("DeepSpeed multi-node workers would not activate (.deepspeed_env)")
 
     _section("config")
     from vkd_shim import config
@@ -125,6 +234,7 @@ def doctor() -> int:
 
     for name, version in patches.installed_versions().items():
         print(f"  {name}: {version}")
+    print(f"  ms-swift layout: {patches.LAYOUT.series}.x (tested with {patches.LAYOUT.stack})")
 
     _section("patch points")
     for point in patches.check_patch_points():

@@ -1,17 +1,18 @@
 """The only module that knows ms-swift: where vision KD plugs into a GKD run, and how.
 
-Patch points (ms-swift 4.6):
+Patch points, by role (module paths and names per ms-swift release live in
+:mod:`vkd_shim.swift_layouts`; the layout is picked by the installed ms-swift version):
 
-- ``swift.cli.main.parse_yaml_args``: takes a ``custom:`` block out of the YAML given to
-  ``swift rlhf x.yaml`` before ms-swift's argument parser rejects it.
-- ``swift.pipelines.train.rlhf.SwiftRLHF._prepare_model_tokenizer``: validates the config
-  and the parsed arguments before any model loads, so a mistake costs seconds.
-- ``swift.rlhf_trainers.gkd_trainer.GKDTrainer.__init__``: attaches the capture to student
-  and teacher. ``.compute_loss``: opens the capture window around the original and adds the
-  term. ``.log``: hands the on-device accumulators to ms-swift's metrics at log time only.
-- ``swift.megatron.pipelines.train.rlhf.MegatronRLHF.__init__``: refuses (Megatron is not
-  supported yet), before Megatron builds anything. Optional: it exists only where
-  megatron-core is installed.
+- CLI YAML parsing (``parse_yaml_args`` in 4.6, ``prepare_config_args`` in 3.12): takes a
+  ``custom:`` block out of the YAML given to ``swift rlhf`` before ms-swift's argument parser
+  rejects it.
+- ``SwiftRLHF._prepare_model_tokenizer``: validates the config and the parsed arguments before
+  any model loads, so a mistake costs seconds.
+- ``GKDTrainer.__init__``: attaches the capture to student and teacher. ``.compute_loss``: opens
+  the capture window around the original and adds the term. ``.log``: hands the on-device
+  accumulators to ms-swift's metrics at log time only.
+- ``MegatronRLHF._prepare_template``: refuses (Megatron is not supported yet), before Megatron
+  builds its trainer or loads weights. Optional: it exists only where megatron-core is installed.
 
 Every hook catches its own errors (an exception in a post-import hook breaks the user's
 import); a patch point that could not be applied is raised from the next wrapper the shim
@@ -21,7 +22,7 @@ owns, because a run that asked for vision KD must never train silently without i
 from __future__ import annotations
 
 import contextlib
-import importlib
+import importlib.util
 import json
 import os
 import sys
@@ -33,7 +34,7 @@ from typing import Any
 import torch
 import wrapt
 
-from vkd_shim import __version__, config, telemetry
+from vkd_shim import __version__, config, swift_layouts, telemetry
 from vkd_shim.capture import (
     STUDENT,
     TEACHER,
@@ -45,11 +46,12 @@ from vkd_shim.capture import (
 from vkd_shim.loss import FeatureMismatchError, vision_kd_loss
 
 #: ms-swift major.minor releases this shim was built and tested against.
-SUPPORTED_SWIFT = ("4.6",)
+SUPPORTED_SWIFT = swift_layouts.SUPPORTED
 ENV_INLINE = "VKD_INLINE_CONFIG"
+#: The YAML file the inline block came from, for messages and the config's source attribution.
+ENV_INLINE_SOURCE = "VKD_INLINE_SOURCE"
 CONFIG_FILE_NAME = "vision_kd_config.json"
 METRIC_LOSS = "vision_kd_loss"
-MEGATRON_MODULE = "swift.megatron.pipelines.train.rlhf"
 VISUAL_INPUT_KEYS = ("pixel_values", "pixel_values_videos")
 
 
@@ -74,8 +76,13 @@ class PatchPoint:
     module: str
     qualname: str
     wrapper: Callable
-    #: Only present with an optional dependency (Megatron needs megatron-core): absent is fine.
-    optional: bool = False
+    #: Top-level module of the optional dependency the point exists with (Megatron needs
+    #: megatron-core); without it the point is absent by design and its module is never imported.
+    requires: str | None = None
+
+    @property
+    def optional(self) -> bool:
+        return self.requires is not None
 
     @property
     def name(self) -> str:
@@ -128,7 +135,7 @@ class _Patcher:
             details = "; ".join(f"{name}: {reason}" for name, reason in sorted(self.failures.items()))
             raise PatchError(
                 f"vision KD was asked for (VKD_ENABLE=1) but ms-swift {_swift_version()} is missing "
-                f"patch points: {details}. Supported ms-swift: {', '.join(SUPPORTED_SWIFT)}.x"
+                f"patch points: {details}. Supported ms-swift: {swift_layouts.supported_text()}"
             )
 
 
@@ -142,7 +149,7 @@ def settings() -> config.ResolvedConfig:
     if _resolved is None:
         inline_text = os.environ.get(ENV_INLINE)
         inline = json.loads(inline_text) if inline_text else None
-        resolved = config.resolve(inline=inline, inline_source=os.environ.get("SWIFT_CONFIG_FILE"))
+        resolved = config.resolve(inline=inline, inline_source=os.environ.get(ENV_INLINE_SOURCE))
         log = telemetry.get_logger()
         log.bind(config_digest=resolved.digest())
         log.info("vkd.config", **resolved.to_event())
@@ -158,29 +165,39 @@ def settings() -> config.ResolvedConfig:
 def on_swift(module) -> None:
     """Version guard: say so before patching when ms-swift is outside the tested matrix."""
     log = telemetry.get_logger()
-    log.info("vkd.activate", vkd_shim=__version__, **_versions_ctx())
+    log.info("vkd.activate", vkd_shim=__version__, swift_layout=LAYOUT.series, **_versions_ctx())
     problem = version_problem()
     if problem:
         log.warning("vkd.version", problem=problem, supported=list(SUPPORTED_SWIFT))
 
 
 def on_cli_main(module) -> None:
-    _safe_hook(module, POINTS["swift.cli.main"])
+    _safe_hook(module)
 
 
 def on_rlhf_pipeline(module) -> None:
-    _safe_hook(module, POINTS["swift.pipelines.train.rlhf"])
+    _safe_hook(module)
 
 
 def on_gkd_trainer(module) -> None:
-    _safe_hook(module, POINTS["swift.rlhf_trainers.gkd_trainer"])
+    _safe_hook(module)
 
 
 def on_megatron_rlhf(module) -> None:
-    _safe_hook(module, POINTS[MEGATRON_MODULE])
+    _safe_hook(module)
 
 
-def _safe_hook(module, points: tuple[PatchPoint, ...]) -> None:
+def _safe_hook(module) -> None:
+    """Patch what the installed release's layout puts in ``module`` (hooks are registered for the
+    modules of every supported release; only the installed one's can be imported)."""
+    points = POINTS.get(module.__name__)
+    if points is None:
+        reason = f"{module.__name__} holds no patch point in the ms-swift {LAYOUT.series} layout"
+        _PATCHER.failures[module.__name__] = reason
+        telemetry.get_logger().error(
+            "vkd.patch", status="failed", target=module.__name__, reason=reason, **_versions_ctx()
+        )
+        return
     try:
         _PATCHER.apply(module, points)
     except Exception as exc:  # never break the user's import: record, raise later from our code
@@ -204,12 +221,12 @@ def _wrap_parse_yaml_args(wrapped, instance, args, kwargs):
     ms-swift turns the YAML's ``custom:`` mapping into ``--custom <json>``, which its argument
     parser rejects; the block travels to the re-exec'd process as ``VKD_INLINE_CONFIG`` instead.
     """
-    result = wrapped(*args, **kwargs)
     argv = args[0] if args else kwargs.get("argv")
+    source = LAYOUT.config_source(argv) if argv else None  # before ms-swift rewrites argv in place
+    result = wrapped(*args, **kwargs)
     if not argv or "--custom" not in argv:
         return result
     at = argv.index("--custom")
-    source = os.environ.get("SWIFT_CONFIG_FILE")
     try:
         block, rest = config.split_inline({"custom": json.loads(argv[at + 1])}, source=source)
     except config.ConfigError as exc:
@@ -217,6 +234,8 @@ def _wrap_parse_yaml_args(wrapped, instance, args, kwargs):
         raise SystemExit(f"vkd_shim: {exc}") from None
     if block is not None:
         os.environ[ENV_INLINE] = json.dumps(block)
+        if source is not None:
+            os.environ[ENV_INLINE_SOURCE] = source
         if "custom" in rest:
             argv[at + 1] = json.dumps(rest["custom"])
         else:
@@ -235,7 +254,7 @@ def _wrap_prepare_model_tokenizer(wrapped, instance, args, kwargs):
         _refuse(str(exc), "fix the vision-KD config (see `vkd-shim doctor`)")
     if resolved.config.active:
         preflight(instance.args)
-        importlib.import_module("swift.rlhf_trainers.gkd_trainer")  # fires on_gkd_trainer now
+        importlib.import_module(LAYOUT.trainer_module)  # fires on_gkd_trainer now
         _PATCHER.raise_failures()
     return wrapped(*args, **kwargs)
 
@@ -317,22 +336,29 @@ def _wrap_log(wrapped, instance, args, kwargs):
     return wrapped(*args, **kwargs)
 
 
-POINTS: dict[str, tuple[PatchPoint, ...]] = {
-    "swift.cli.main": (PatchPoint("swift.cli.main", "parse_yaml_args", _wrap_parse_yaml_args),),
-    "swift.pipelines.train.rlhf": (
-        PatchPoint(
-            "swift.pipelines.train.rlhf", "SwiftRLHF._prepare_model_tokenizer", _wrap_prepare_model_tokenizer
-        ),
-    ),
-    "swift.rlhf_trainers.gkd_trainer": (
-        PatchPoint("swift.rlhf_trainers.gkd_trainer", "GKDTrainer.__init__", _wrap_trainer_init),
-        PatchPoint("swift.rlhf_trainers.gkd_trainer", "GKDTrainer.compute_loss", _wrap_compute_loss),
-        PatchPoint("swift.rlhf_trainers.gkd_trainer", "GKDTrainer.log", _wrap_log),
-    ),
-    MEGATRON_MODULE: (
-        PatchPoint(MEGATRON_MODULE, "MegatronRLHF.__init__", _wrap_megatron_rlhf_init, optional=True),
-    ),
+WRAPPERS: dict[str, Callable] = {
+    swift_layouts.CLI_YAML: _wrap_parse_yaml_args,
+    swift_layouts.PIPELINE_PREFLIGHT: _wrap_prepare_model_tokenizer,
+    swift_layouts.TRAINER_INIT: _wrap_trainer_init,
+    swift_layouts.TRAINER_COMPUTE_LOSS: _wrap_compute_loss,
+    swift_layouts.TRAINER_LOG: _wrap_log,
+    swift_layouts.MEGATRON_PREFLIGHT: _wrap_megatron_rlhf_init,
 }
+
+
+def build_points(layout: swift_layouts.SwiftLayout) -> dict[str, tuple[PatchPoint, ...]]:
+    """The layout's patch points grouped by module, each with the wrapper of its role."""
+    points: dict[str, tuple[PatchPoint, ...]] = {}
+    for role, (module, qualname) in layout.points.items():
+        point = PatchPoint(module, qualname, WRAPPERS[role], swift_layouts.OPTIONAL_ROLES.get(role))
+        points[module] = (*points.get(module, ()), point)
+    return points
+
+
+#: The installed release's layout, and the patch points it implies.
+LAYOUT = swift_layouts.for_version(swift_layouts.installed_version())
+POINTS = build_points(LAYOUT)
+MEGATRON_MODULE = LAYOUT.points[swift_layouts.MEGATRON_PREFLIGHT][0]
 
 
 # --- the per-trainer runtime ---------------------------------------------------------------
@@ -395,7 +421,7 @@ class TrainerKD:
 
     def compute_loss(self, wrapped, args, kwargs):
         inputs = args[1] if len(args) > 1 else kwargs["inputs"]
-        model_inputs = inputs.get("model_inputs", inputs)
+        model_inputs = LAYOUT.model_inputs(inputs)
         if not any(model_inputs.get(k) is not None for k in VISUAL_INPUT_KEYS):
             # Text-only micro-batch: the tower may still run on ms-swift's dummy image (DeepSpeed),
             # and those features are not visual tokens. Nothing is captured, nothing is added.
@@ -486,7 +512,7 @@ class TrainerKD:
 
     def flush(self, mode: str) -> None:
         """At log time only: one host read of the accumulators, then ms-swift's MeanMetric."""
-        self.buffer.flush(mode, self.trainer.custom_metrics, self.keys)
+        self.buffer.flush(mode, LAYOUT.metrics(self.trainer), self.keys)
         pending, self.nonfinite[mode] = self.nonfinite[mode], {}
         step = self.trainer.state.global_step
         for target, count in pending.items():
@@ -526,14 +552,7 @@ def _aligner_paths(model) -> list[str] | None:
 
 
 def _swift_version() -> str:
-    swift = sys.modules.get("swift")
-    version = getattr(swift, "__version__", None)
-    if version:
-        return version
-    try:
-        return metadata.version("ms-swift")
-    except metadata.PackageNotFoundError:
-        return "not installed"
+    return swift_layouts.installed_version() or "not installed"
 
 
 def _versions_ctx() -> dict:
@@ -544,8 +563,8 @@ def version_problem() -> str | None:
     version = _swift_version()
     if version == "not installed":
         return "ms-swift is not installed"
-    if not any(version == s or version.startswith(s + ".") for s in SUPPORTED_SWIFT):
-        return f"ms-swift {version} is outside the supported matrix ({', '.join(SUPPORTED_SWIFT)}.x)"
+    if not any(layout.matches(version) for layout in swift_layouts.LAYOUTS):
+        return f"ms-swift {version} is outside the supported matrix ({swift_layouts.supported_text()})"
     return None
 
 
@@ -581,6 +600,12 @@ def check_patch_points() -> list[PointStatus]:
     statuses = []
     for module_name, points in POINTS.items():
         for point in points:
+            if point.optional and importlib.util.find_spec(point.requires) is None:
+                # ms-swift 3.12's swift.megatron clones Megatron-LM from the network on import.
+                statuses.append(
+                    PointStatus(point.name, True, f"optional, needs {point.requires} (not installed)")
+                )
+                continue
             try:
                 module = importlib.import_module(module_name)
             except Exception as exc:

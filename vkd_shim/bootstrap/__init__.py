@@ -17,13 +17,17 @@ ENV_ENABLE = "VKD_ENABLE"
 TRUTHY = frozenset(("1", "true", "yes", "on"))
 BOOTSTRAP_DIR = os.path.dirname(os.path.abspath(__file__))
 
-#: (module whose import fires the hook, the hook named as "module:function").
+#: (module whose import fires the hook, the hook named as "module:function"), for the modules of
+#: every ms-swift release in vkd_shim.swift_layouts (4.6, then 3.12); only the installed one's import.
 HOOKS = (
     ("swift", "vkd_shim.patches:on_swift"),
     ("swift.cli.main", "vkd_shim.patches:on_cli_main"),
     ("swift.pipelines.train.rlhf", "vkd_shim.patches:on_rlhf_pipeline"),
     ("swift.rlhf_trainers.gkd_trainer", "vkd_shim.patches:on_gkd_trainer"),
     ("swift.megatron.pipelines.train.rlhf", "vkd_shim.patches:on_megatron_rlhf"),
+    ("swift.llm.train.rlhf", "vkd_shim.patches:on_rlhf_pipeline"),
+    ("swift.trainers.rlhf_trainer.gkd_trainer", "vkd_shim.patches:on_gkd_trainer"),
+    ("swift.megatron.train.rlhf", "vkd_shim.patches:on_megatron_rlhf"),
 )
 
 _active = False

@@ -1,0 +1,153 @@
+"""Where each supported ms-swift release keeps the things vision KD plugs into: the one module that
+knows how the releases differ.
+
+ms-swift 3.x and 4.x moved every module the shim touches (``swift.trainers.rlhf_trainer`` became
+``swift.rlhf_trainers``, ``swift.llm.train`` became ``swift.pipelines.train``), renamed the YAML
+entry of ``swift rlhf`` and wrapped the GKD batch in ``{"model_inputs": ...}``. Keeping those facts
+here as data lets :mod:`vkd_shim.patches` stay version-free, lets the bootstrap register its hooks
+for every release by name, and lets a test check that the two agree. A release outside
+:data:`LAYOUTS` gets the layout of its major version plus a version-guard warning, never a guess
+made silently.
+
+Stdlib only: ``vkd-shim doctor`` and the bootstrap tests read it without importing torch or swift.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
+
+#: Roles of the patch points; :mod:`vkd_shim.patches` maps each role to its wrapper.
+CLI_YAML = "cli_yaml"
+PIPELINE_PREFLIGHT = "pipeline_preflight"
+TRAINER_INIT = "trainer_init"
+TRAINER_COMPUTE_LOSS = "trainer_compute_loss"
+TRAINER_LOG = "trainer_log"
+MEGATRON_PREFLIGHT = "megatron_preflight"
+ROLES = (CLI_YAML, PIPELINE_PREFLIGHT, TRAINER_INIT, TRAINER_COMPUTE_LOSS, TRAINER_LOG, MEGATRON_PREFLIGHT)
+#: Roles whose module works only with an optional dependency: role -> its top-level module
+#: (Megatron needs megatron-core, imported as ``megatron``).
+OPTIONAL_ROLES = {MEGATRON_PREFLIGHT: "megatron"}
+
+
+@dataclass(frozen=True)
+class SwiftLayout:
+    """One supported ms-swift release series and the stack it was tested with."""
+
+    #: ms-swift major.minor; every patch release of it is supported.
+    series: str
+    #: The tested stack, as README's matrix and the doctor print it.
+    stack: str
+    #: role -> (module, qualname inside the module).
+    points: Mapping[str, tuple[str, str]]
+    #: Where the YAML path sits in the argv the CLI function receives: ``None`` when it is the
+    #: first item (``swift rlhf x.yaml``), else the flag that precedes it (``--config x.yaml``).
+    config_flag: str | None
+    #: Key of the GKD ``compute_loss`` batch that holds the model's inputs; ``None`` when the batch
+    #: is the model's inputs itself.
+    batch_key: str | None
+    #: Trainer attribute holding ``{mode: {key: MeanMetric}}``, all-reduced and logged by ms-swift's
+    #: ``log()`` (``key`` in train rows, ``eval_key`` in eval rows).
+    metrics_attr: str
+
+    @property
+    def modules(self) -> tuple[str, ...]:
+        """The modules whose import must fire a hook, in patch-point order."""
+        return tuple(dict.fromkeys(module for module, _ in self.points.values()))
+
+    @property
+    def trainer_module(self) -> str:
+        return self.points[TRAINER_COMPUTE_LOSS][0]
+
+    def matches(self, version: str) -> bool:
+        return version == self.series or version.startswith(self.series + ".")
+
+    def config_source(self, argv: list[str]) -> str | None:
+        """The YAML file named in the CLI argv, read before ms-swift rewrites argv in place."""
+        if self.config_flag is None:
+            return argv[0] if argv and argv[0].endswith((".yaml", ".yml", ".json")) else None
+        if self.config_flag in argv:
+            at = argv.index(self.config_flag)
+            return argv[at + 1] if at + 1 < len(argv) else None
+        return None
+
+    def model_inputs(self, batch: Mapping[str, Any]) -> Mapping[str, Any]:
+        """What the student's forward receives, from the batch ``compute_loss`` was given."""
+        return batch if self.batch_key is None else batch[self.batch_key]
+
+    def metrics(self, trainer: Any) -> Mapping[str, Any]:
+        return getattr(trainer, self.metrics_attr)
+
+
+SWIFT_4_6 = SwiftLayout(
+    series="4.6",
+    stack="transformers 5.19, trl 0.29, peft 0.20, torch 2.14.1",
+    points={
+        CLI_YAML: ("swift.cli.main", "parse_yaml_args"),
+        PIPELINE_PREFLIGHT: ("swift.pipelines.train.rlhf", "SwiftRLHF._prepare_model_tokenizer"),
+        TRAINER_INIT: ("swift.rlhf_trainers.gkd_trainer", "GKDTrainer.__init__"),
+        TRAINER_COMPUTE_LOSS: ("swift.rlhf_trainers.gkd_trainer", "GKDTrainer.compute_loss"),
+        TRAINER_LOG: ("swift.rlhf_trainers.gkd_trainer", "GKDTrainer.log"),
+        # MegatronRLHF defines no __init__ of its own; _prepare_template runs inside MegatronSft's
+        # __init__, after a meta-device model and before the trainer or any weights.
+        MEGATRON_PREFLIGHT: ("swift.megatron.pipelines.train.rlhf", "MegatronRLHF._prepare_template"),
+    },
+    config_flag=None,
+    batch_key="model_inputs",
+    metrics_attr="custom_metrics",
+)
+
+SWIFT_3_12 = SwiftLayout(
+    series="3.12",
+    stack="transformers 4.57, trl 0.24, peft 0.18, torch 2.14.1",
+    points={
+        CLI_YAML: ("swift.cli.main", "prepare_config_args"),
+        PIPELINE_PREFLIGHT: ("swift.llm.train.rlhf", "SwiftRLHF._prepare_model_tokenizer"),
+        TRAINER_INIT: ("swift.trainers.rlhf_trainer.gkd_trainer", "GKDTrainer.__init__"),
+        TRAINER_COMPUTE_LOSS: ("swift.trainers.rlhf_trainer.gkd_trainer", "GKDTrainer.compute_loss"),
+        TRAINER_LOG: ("swift.trainers.rlhf_trainer.gkd_trainer", "GKDTrainer.log"),
+        MEGATRON_PREFLIGHT: ("swift.megatron.train.rlhf", "MegatronRLHF._prepare_template"),
+    },
+    config_flag="--config",
+    batch_key=None,
+    metrics_attr="custom_metrics",
+)
+
+#: Newest first: the supported matrix.
+LAYOUTS = (SWIFT_4_6, SWIFT_3_12)
+SUPPORTED = tuple(layout.series for layout in LAYOUTS)
+
+
+def installed_version() -> str | None:
+    """ms-swift's version: the imported module's if loaded, else the installed distribution's."""
+    version = getattr(sys.modules.get("swift"), "__version__", None)
+    if version:
+        return version
+    try:
+        return metadata.version("ms-swift")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def for_version(version: str | None) -> SwiftLayout:
+    """The layout of a release: its series if supported, else the newest of its major version.
+
+    An unknown version (not installed, unparsable) gets the newest layout; the version guard in
+    :mod:`vkd_shim.patches` reports every release outside the matrix either way.
+    """
+    if version:
+        for layout in LAYOUTS:
+            if layout.matches(version):
+                return layout
+        major = version.split(".", 1)[0]
+        for layout in LAYOUTS:
+            if layout.series.split(".", 1)[0] == major:
+                return layout
+    return LAYOUTS[0]
+
+
+def supported_text() -> str:
+    return ", ".join(f"{series}.x" for series in SUPPORTED)
