@@ -1,0 +1,23 @@
+"""Shared fixtures for tests that drive real `swift rlhf` runs.
+
+Building the tiny Qwen3-VL teacher, student and the image / video / text data takes several seconds on
+2 cores; every end-to-end test reads the same files and none writes into them, so they are built once
+per session.
+"""
+
+from __future__ import annotations
+
+import pytest
+import tiny_assets
+
+
+@pytest.fixture(scope="session")
+def gkd_assets(tmp_path_factory) -> dict:
+    """Teacher and student (different seeds), train/val jsonl with image, video and text-only rows."""
+    return tiny_assets.build_all(tmp_path_factory.mktemp("gkd_assets"))
+
+
+@pytest.fixture(scope="session")
+def swift_cache(tmp_path_factory):
+    """Where the `swift` children keep their run-time caches (datasets, matplotlib), off the home dir."""
+    return tmp_path_factory.mktemp("swift_cache")

@@ -1,0 +1,632 @@
+"""End to end: real `swift rlhf --rlhf_type gkd` subprocesses on the tiny local Qwen3-VL, launched the
+ways users launch them (`vkd-run --config ... swift rlhf ...`, `VKD_ENABLE=1` with the bootstrap on
+PYTHONPATH, `swift rlhf x.yaml` with an inline `custom.visual_kd` block), and judged only by what users
+see: the exit code and stderr, ms-swift's `logging.jsonl` and output directory, and the shim's JSON event
+lines (read from `VKD_LOG_FILE`: on stderr they can be glued to tqdm bars).
+
+Why subprocesses: activation crosses `swift`'s re-exec, the model loader, the trainer factory and
+ms-swift's metric plumbing; only a real launch proves that the term reaches `logging.jsonl`, that a bad
+setup stops before any model loads, and that the switched-off path trains bit for bit as before.
+
+Cost: 9 training runs, 5 runs that stop before any model loads, one checkpoint load through ms-swift's
+loader. Measured on 2 CPU cores shared with other jobs (load average about 6): 50-80 s per training run,
+33-39 s per early stop, 14 min wall and 7 min of CPU for the whole file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import tiny_assets
+import yaml
+
+from vkd_shim.bootstrap import BOOTSTRAP_DIR
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parents[1]
+VKD_RUN = Path(sys.executable).with_name("vkd-run")
+SHIPPED_CONFIGS = (REPO / "configs" / "visual_kd_base.yaml", REPO / "configs" / "stage3_visual_kd.yaml")
+TRAIN_TIMEOUT_S = 600
+FAIL_FAST_TIMEOUT_S = 240
+
+GKD_MODULE = "swift.rlhf_trainers.gkd_trainer"
+PIPELINE_POINT = "swift.pipelines.train.rlhf:SwiftRLHF._prepare_model_tokenizer"
+TRAINER_POINTS = {f"{GKD_MODULE}:GKDTrainer.{name}" for name in ("__init__", "compute_loss", "log")}
+TARGETS = ["merger", "deepstack_0", "deepstack_1"]
+METRIC_KEYS = (
+    "vision_kd_loss",
+    *(f"vision_kd/{t}" for t in TARGETS),
+    "vision_kd/tokens",
+    "vision_kd/skipped",
+)
+
+PROBE_FILE_ENV = "E2E_PROBE_FILE"
+LOADER_MARKER = "E2E-PROBE: model loader entered"
+# A user's own sitecustomize.py, later on PYTHONPATH than the bootstrap (which chains to it). It watches
+# the run from outside the shim. It prints a marker on every entry into ms-swift's model loaders: the RLHF
+# pipeline's per-model step and the ModelLoader behind every student and teacher load (transformers'
+# from_pretrained cannot be wrapped: ms-swift swaps it out and back around each load). It also records
+# what every GKD compute_loss call was given (mode, step, visual inputs, on-policy or dataset rows), so
+# tests know which steps carried pixels without asking the shim.
+PROBE_SITECUSTOMIZE = f'''
+import json
+import os
+import sys
+
+if os.environ.get("{PROBE_FILE_ENV}"):
+    from wrapt import when_imported, wrap_function_wrapper
+
+    def _emit(**record):
+        with open(os.environ["{PROBE_FILE_ENV}"], "a", encoding="utf-8") as sink:
+            sink.write(json.dumps({{"pid": os.getpid(), **record}}) + "\\n")
+
+    def _loader(wrapped, instance, args, kwargs):
+        print("{LOADER_MARKER}", getattr(wrapped, "__qualname__", wrapped), file=sys.stderr, flush=True)
+        return wrapped(*args, **kwargs)
+
+    def _compute_loss(wrapped, instance, args, kwargs):
+        inputs = args[1] if len(args) > 1 else kwargs["inputs"]
+        model_inputs = inputs.get("model_inputs", inputs)
+        source = getattr(inputs.get("gkd_batch"), "data_source", None)
+        _emit(
+            mode="train" if instance.model.training else "eval",
+            step=instance.state.global_step,
+            image=model_inputs.get("pixel_values") is not None,
+            video=model_inputs.get("pixel_values_videos") is not None,
+            source=getattr(source, "value", None),
+        )
+        return wrapped(*args, **kwargs)
+
+    @when_imported("swift.pipelines.train.rlhf")
+    def _on_pipeline(module):
+        wrap_function_wrapper(module, "SwiftRLHF._prepare_single_model", _loader)
+
+    @when_imported("swift.model.register")
+    def _on_model_loader(module):
+        wrap_function_wrapper(module, "ModelLoader.load", _loader)
+
+    @when_imported("{GKD_MODULE}")
+    def _on_trainer(module):
+        wrap_function_wrapper(module, "GKDTrainer.compute_loss", _compute_loss)
+'''
+
+# Checks, in a process without the shim, that ms-swift's own loader (the calls `swift infer --adapters`
+# makes) restores every adapter tensor of a checkpoint written under vision KD, bit for bit.
+LOAD_CHECKPOINT = """
+import json, sys
+import torch
+from safetensors.torch import load_file
+from swift.model import get_model_processor
+from swift.tuners import Swift
+
+student, checkpoint = sys.argv[1:3]
+model, _ = get_model_processor(student, model_type="qwen3_vl", torch_dtype=torch.float32)
+model = Swift.from_pretrained(model, checkpoint)
+state = model.state_dict()
+saved = load_file(f"{checkpoint}/adapter_model.safetensors")
+def restored(key, value):
+    for part in ("lora_A", "lora_B"):
+        key = key.replace(f".{part}.weight", f".{part}.default.weight")
+    return key in state and torch.equal(state[key], value)
+print(json.dumps({
+    "model": type(model).__name__,
+    "vkd_shim_imported": "vkd_shim" in sys.modules,
+    "saved": len(saved),
+    "restored_exactly": sorted(k for k, v in saved.items() if restored(k, v)),
+    "nonzero_lora_b": sorted(k for k, v in saved.items() if "lora_B" in k and bool(v.count_nonzero())),
+}))
+"""
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+
+
+def swift_env(cache: Path, *pythonpath: str | os.PathLike[str], **extra: str | os.PathLike[str]) -> dict:
+    """tiny_assets' offline single-process env, minus anything of ours the test process may carry."""
+    env = tiny_assets.gkd_env(cache_dir=cache)
+    for name in [k for k in env if k.startswith("VKD_")] + ["PYTHONPATH", PROBE_FILE_ENV]:
+        env.pop(name, None)
+    if pythonpath:
+        env["PYTHONPATH"] = os.pathsep.join(str(p) for p in pythonpath)
+    env.update({name: str(value) for name, value in extra.items()})
+    return env
+
+
+def launch(argv: list, env: dict, timeout: int = TRAIN_TIMEOUT_S) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(a) for a in argv], env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def report(proc: subprocess.CompletedProcess) -> str:
+    return (
+        f"exit {proc.returncode}\n--- stdout tail ---\n{proc.stdout[-3000:]}\n"
+        f"--- stderr tail ---\n{proc.stderr[-5000:]}"
+    )
+
+
+def trained(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, report(proc)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def named(events: list[dict], name: str) -> list[dict]:
+    return [e for e in events if e["event"] == name]
+
+
+def write_config(path: Path, **block) -> Path:
+    path.write_text(yaml.safe_dump({"custom": {"visual_kd": block}}), encoding="utf-8")
+    return path
+
+
+def run_dir(output_dir: Path, version: int = 0) -> Path:
+    (found,) = output_dir.glob(f"v{version}-*")
+    return found
+
+
+def step_of(row: dict) -> int:
+    return int(row["global_step/max_steps"].split("/")[0])
+
+
+def train_rows(rows: list[dict]) -> dict[int, dict]:
+    return {step_of(r): r for r in rows if "loss" in r}
+
+
+def eval_rows(rows: list[dict]) -> dict[int, dict]:
+    return {step_of(r): r for r in rows if "eval_loss" in r}
+
+
+def unweighted(row: dict, prefix: str, target_weights: dict[str, float]) -> float:
+    """Σ target_weight × per-target distance, from the per-target metrics of one log row."""
+    return sum(target_weights[t.split("_")[0]] * row[f"{prefix}vision_kd/{t}"] for t in TARGETS)
+
+
+def without(argv: list[str], *flags: str) -> list[str]:
+    """Drop `--flag value` pairs (the command's flags all take one value)."""
+    out, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item in flags:
+            skip = True
+        else:
+            out.append(item)
+    return out
+
+
+def assert_finite_metrics(row: dict, prefix: str = "") -> None:
+    for key in METRIC_KEYS:
+        assert f"{prefix}{key}" in row, f"{prefix}{key} missing from {row}"
+        assert math.isfinite(row[f"{prefix}{key}"]), row
+    assert row[f"{prefix}vision_kd/tokens"] > 0, row
+    assert row[f"{prefix}vision_kd/skipped"] == 0, row
+
+
+@pytest.fixture(scope="module")
+def probe_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("user_site")
+    (path / "sitecustomize.py").write_text(PROBE_SITECUSTOMIZE, encoding="utf-8")
+    return path
+
+
+# --- 1. the default path ---------------------------------------------------------------------------
+
+
+def test_default_gkd_run_logs_the_weighted_term_on_visual_steps_only(
+    gkd_assets, swift_cache, probe_dir, tmp_path
+):
+    """Default lmbda (on-policy generation on some steps), image + video + text-only rows, the shipped
+    base + Stage-3 overlay (weight 0.1, merger 1.0, deepstack 0.5, warmup 2), launched through vkd-run.
+
+    The metrics must appear exactly on the steps whose micro-batch carried pixels, hold the weighted
+    term (weight × warmup × Σ target weight × distance: the value added to the loss, not a raw
+    distance), ramp from an exact 0 at step 1, and show up in eval; the events must say what was
+    patched and attached, once.
+    """
+    out, events_file, probe_file = tmp_path / "out", tmp_path / "events.jsonl", tmp_path / "probe.jsonl"
+    argv = [
+        VKD_RUN,
+        "--config",
+        os.pathsep.join(map(str, SHIPPED_CONFIGS)),
+        "--log-file",
+        events_file,
+        *tiny_assets.gkd_command(gkd_assets, out),
+    ]
+    proc = launch(argv, swift_env(swift_cache, probe_dir, **{PROBE_FILE_ENV: probe_file}))
+    trained(proc)
+    rows, events, calls = tiny_assets.read_logging_jsonl(out), read_jsonl(events_file), read_jsonl(probe_file)
+
+    # Ground truth from the probe: one compute_loss per optimizer step (gradient accumulation 1).
+    train_calls = {c["step"] + 1: c for c in calls if c["mode"] == "train"}
+    assert sorted(train_calls) == list(range(1, tiny_assets.DEFAULT_MAX_STEPS + 1)), calls
+    assert {c["source"] for c in train_calls.values()} == {"student", "dataset"}, "lmbda 0.5 mixes both"
+    visual = {step for step, c in train_calls.items() if c["image"] or c["video"]}
+    assert 1 in visual and visual != set(train_calls), f"need a visual step 1 and a text-only step: {calls}"
+    assert any(c["video"] for c in calls), f"no micro-batch carried a video: {calls}"
+    assert any(train_calls[s]["source"] == "student" for s in visual), "no on-policy step carried pixels"
+
+    train = train_rows(rows)
+    assert sorted(train) == sorted(train_calls)
+    assert {s for s, r in train.items() if "vision_kd_loss" in r} == visual
+    for step, row in train.items():
+        if step in visual:
+            assert_finite_metrics(row)
+        else:  # text-only: no update reaches MeanMetric, so ms-swift drops every key of ours
+            assert not any(k.startswith("vision_kd") for k in row), row
+
+    # Warmup over 2 optimizer steps, read at the step the micro-batch ran: 0 at step 1, then > 0.
+    weights = {"merger": 1.0, "deepstack": 0.5}
+    assert train[1]["vision_kd_loss"] == 0.0
+    assert all(train[s]["vision_kd_loss"] > 0 for s in visual - {1})
+    for step in sorted(visual - {1}):
+        warmup = min(1.0, (step - 1) / 2)
+        expected = 0.1 * warmup * unweighted(train[step], "", weights)
+        assert train[step]["vision_kd_loss"] == pytest.approx(expected, rel=2e-3), (step, train[step])
+
+    evaluated = eval_rows(rows)
+    assert sorted(evaluated) == [3, 6]
+    for row in evaluated.values():
+        assert_finite_metrics(row, "eval_")
+        assert row["eval_vision_kd_loss"] == pytest.approx(0.1 * unweighted(row, "eval_", weights), rel=2e-3)
+
+    # Events: a launcher process (swift's CLI) and one training process.
+    trainer_pids = {e["pid"] for e in named(events, "vkd.attach")}
+    assert len(trainer_pids) == 1, events
+    (trainer_pid,) = trainer_pids
+    launcher = [e for e in events if e["pid"] != trainer_pid]
+    assert {e["pid"] for e in launcher} and len({e["pid"] for e in launcher}) == 1, events
+    (config_event,) = named(events, "vkd.config")
+    assert config_event["pid"] == trainer_pid
+    patches = named(events, "vkd.patch")
+    assert {e["status"] for e in patches} == {"applied"}, patches
+    assert {e["target"] for e in patches if e["pid"] == trainer_pid} >= {PIPELINE_POINT, *TRAINER_POINTS}
+    assert [e["target"] for e in patches if e["pid"] != trainer_pid] == ["swift.cli.main:parse_yaml_args"]
+    (attach,) = named(events, "vkd.attach")
+    assert attach["targets"] == TARGETS and attach["shared_modules"] is False
+    assert not [e for e in events if e["level"] in ("warning", "error")], events
+    assert config_event["config"]["weight"] == 0.1 and config_event["files"] == [
+        str(p) for p in SHIPPED_CONFIGS
+    ]
+
+    saved = json.loads((run_dir(out) / "vision_kd_config.json").read_text(encoding="utf-8"))
+    assert saved == {k: config_event[k] for k in ("config", "sources", "files", "notes", "digest")}
+
+    # The probe announces loader entries (positive control for the fail-fast test's "never loaded").
+    assert proc.stderr.count(LOADER_MARKER) >= 3, "probe saw no model load: its absence proves nothing"
+
+
+# --- 2. student initialized from the teacher ---------------------------------------------------------
+
+
+def test_byte_copied_student_starts_at_zero_with_the_inline_yaml_block(gkd_assets, swift_cache, tmp_path):
+    """`swift rlhf x.yaml` whose YAML carries the swift arguments and a `custom.visual_kd` block, with
+    VKD_ENABLE=1 and the bootstrap on PYTHONPATH; the student is a byte copy of the teacher, loaded as a
+    separate model. Before any update the two aligners are identical, so step 1's term is exactly 0
+    (LoRA's B starts at zero); anything else means the hooks compare different passes or tensors.
+    """
+    student = tmp_path / "student_copy"
+    shutil.copytree(gkd_assets["teacher"], student)
+    assets = {**gkd_assets, "student": str(student)}
+    out, events_file = tmp_path / "out", tmp_path / "events.jsonl"
+    argv = tiny_assets.gkd_command(
+        assets, out, "--max_steps", "3", "--eval_strategy", "no", "--save_strategy", "no"
+    )
+    document = dict(zip(argv[2::2], argv[3::2], strict=True))
+    document = {flag.removeprefix("--"): value for flag, value in document.items()}
+    block = {"weight": 1.0, "warmup_steps": 0, "distance": "mse"}
+    document["custom"] = {"visual_kd": block}
+    config_yaml = tmp_path / "gkd_vkd.yaml"
+    config_yaml.write_text(yaml.safe_dump(document), encoding="utf-8")
+
+    env = swift_env(swift_cache, BOOTSTRAP_DIR, VKD_ENABLE="1", VKD_LOG_FILE=events_file)
+    proc = launch([argv[0], "rlhf", config_yaml], env)
+    trained(proc)
+    train, events = train_rows(tiny_assets.read_logging_jsonl(out)), read_jsonl(events_file)
+
+    assert "vision_kd_loss" in train[1], f"step 1 must carry pixels for this check: {train[1]}"
+    assert_finite_metrics(train[1])
+    assert train[1]["vision_kd_loss"] == 0.0
+    assert all(train[1][f"vision_kd/{t}"] == 0.0 for t in TARGETS), train[1]
+
+    (config_event,) = named(events, "vkd.config")
+    assert config_event["files"] == []
+    assert {k: config_event["sources"][k] for k in block} == {k: f"inline:{config_yaml}" for k in block}
+    assert config_event["config"]["weight"] == 1.0
+    (attach,) = named(events, "vkd.attach")
+    assert attach["shared_modules"] is False
+
+
+def test_lora_self_distillation_shares_modules_and_still_distills(gkd_assets, swift_cache, tmp_path):
+    """`--model T --teacher_model T` with LoRA: ms-swift drops the teacher model and runs the teacher
+    pass as the student with adapters disabled, so student and teacher share every aligner module.
+
+    The shim must attribute the two passes (no skip, finite term). Step 1 is exactly 0 (B = 0, adapters
+    change nothing yet); once the adapters have moved (sft_alpha gives them a gradient, a large learning
+    rate makes it visible) the term is > 0, which can only happen if the adapter-disabled pass was
+    recorded as the teacher and the adapter-enabled pass as the student.
+    """
+    assets = {**gkd_assets, "student": gkd_assets["teacher"]}
+    config = write_config(tmp_path / "vkd.yaml", weight=1.0, warmup_steps=0)
+    out, events_file = tmp_path / "out", tmp_path / "events.jsonl"
+    extra = ("--max_steps", "4", "--eval_strategy", "no", "--save_strategy", "no")
+    argv = [
+        VKD_RUN,
+        "--config",
+        config,
+        "--log-file",
+        events_file,
+        *tiny_assets.gkd_command(assets, out, *extra, "--sft_alpha", "1", "--learning_rate", "1e-2"),
+    ]
+    proc = launch(argv, swift_env(swift_cache))
+    trained(proc)
+    assert "using disable_adapter() for fixed teacher" in proc.stdout + proc.stderr, report(proc)
+    train, events = train_rows(tiny_assets.read_logging_jsonl(out)), read_jsonl(events_file)
+
+    (attach,) = named(events, "vkd.attach")
+    assert attach["shared_modules"] is True and attach["targets"] == TARGETS
+    assert not named(events, "vkd.skip"), named(events, "vkd.skip")
+    visual = sorted(s for s, r in train.items() if "vision_kd_loss" in r)
+    assert visual and visual[0] == 1, train
+    for step in visual:
+        assert_finite_metrics(train[step])
+    assert train[1]["vision_kd_loss"] == 0.0
+    assert any(train[s]["vision_kd_loss"] > 0 for s in visual[1:]), train
+
+
+# --- 3 and 7. bf16, frozen aligner -------------------------------------------------------------------
+
+
+def test_bf16_with_frozen_aligner_warns_and_logs_finite_metrics(gkd_assets, swift_cache, tmp_path):
+    """bf16 on CPU keeps every metric finite (distances are computed in fp32), and `--freeze_aligner
+    true` (ms-swift's default) gets a warning event with the fix, because the term cannot move a frozen
+    aligner: without it, a user would watch vision_kd_loss and wonder why it never falls.
+    """
+    config = write_config(tmp_path / "vkd.yaml", weight=0.1, warmup_steps=0)
+    out, events_file = tmp_path / "out", tmp_path / "events.jsonl"
+    extra = ("--torch_dtype", "bfloat16", "--use_cpu", "true", "--freeze_aligner", "true")
+    # No eval here: bf16 generation on CPU makes an eval pass cost more than the whole training.
+    extra += ("--max_steps", "3", "--save_strategy", "no", "--eval_strategy", "no")
+    argv = [
+        VKD_RUN,
+        "--config",
+        config,
+        "--log-file",
+        events_file,
+        *tiny_assets.gkd_command(gkd_assets, out, *extra),
+    ]
+    proc = launch(argv, swift_env(swift_cache))
+    trained(proc)
+    rows, events = tiny_assets.read_logging_jsonl(out), read_jsonl(events_file)
+
+    (frozen,) = named(events, "vkd.aligner_frozen")
+    assert frozen["level"] == "warning" and "--freeze_aligner false" in frozen["fix"]
+    train = train_rows(rows)
+    visual = [s for s, r in train.items() if "vision_kd_loss" in r]
+    assert visual, train
+    for step in visual:
+        assert_finite_metrics(train[step])
+        assert train[step]["vision_kd_loss"] > 0  # different seeds: the aligners differ
+        assert math.isfinite(train[step]["loss"])
+
+
+# --- 4. save and resume ------------------------------------------------------------------------------
+
+
+def test_resume_follows_the_restored_step_and_plain_swift_loads_the_checkpoint(
+    gkd_assets, swift_cache, tmp_path
+):
+    """Warmup is a function of the optimizer step, so a resumed run must ramp on from the restored
+    step (the ratio logged term / Σ distances equals weight × step/warmup_steps), not restart at 0 and
+    silently under-weight the term after every preemption. The checkpoint written under vision KD must
+    stay an ordinary ms-swift checkpoint: a process without the shim restores it exactly.
+    """
+    config = write_config(tmp_path / "vkd.yaml", weight=1.0, warmup_steps=8)
+    out = tmp_path / "out"
+    weights = {"merger": 1.0, "deepstack": 1.0}
+    head = [VKD_RUN, "--config", config, "--log-file", tmp_path / "events.jsonl"]
+    first = launch(
+        [
+            *head,
+            *tiny_assets.gkd_command(
+                gkd_assets, out, "--max_steps", "4", "--save_steps", "4", "--eval_strategy", "no"
+            ),
+        ],
+        swift_env(swift_cache),
+    )
+    trained(first)
+    checkpoint = run_dir(out, 0) / "checkpoint-4"
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] == 4
+
+    second = launch(
+        [
+            *head,
+            *tiny_assets.gkd_command(
+                gkd_assets,
+                out,
+                "--max_steps",
+                "6",
+                "--eval_strategy",
+                "no",
+                "--resume_from_checkpoint",
+                checkpoint,
+            ),
+        ],
+        swift_env(swift_cache),
+    )
+    trained(second)
+
+    def ratios(rows: list[dict]) -> dict[int, float]:
+        return {
+            s: r["vision_kd_loss"] / unweighted(r, "", weights)
+            for s, r in train_rows(rows).items()
+            if "vision_kd_loss" in r
+        }
+
+    before = ratios(json.loads(line) for line in (run_dir(out, 0) / "logging.jsonl").read_text().splitlines())
+    after = ratios(tiny_assets.read_logging_jsonl(out))
+    assert sorted(train_rows(tiny_assets.read_logging_jsonl(out))) == [5, 6]
+    assert before and after, (before, after)
+    for step, ratio in {**before, **after}.items():
+        assert ratio == pytest.approx((step - 1) / 8, rel=2e-3, abs=1e-9), (step, before, after)
+
+    loader = launch(
+        [sys.executable, "-c", LOAD_CHECKPOINT, gkd_assets["student"], checkpoint], swift_env(swift_cache)
+    )
+    assert loader.returncode == 0, report(loader)
+    loaded = json.loads(loader.stdout.strip().splitlines()[-1])
+    assert loaded["vkd_shim_imported"] is False and loaded["model"] == "PeftModelForCausalLM"
+    assert loaded["saved"] > 0 and len(loaded["restored_exactly"]) == loaded["saved"], loaded
+    aligner_b = [
+        k for k in loaded["nonzero_lora_b"] if ".visual.merger." in k or ".deepstack_merger_list." in k
+    ]
+    assert {k.split(".visual.")[1].split(".linear")[0] for k in aligner_b} == {
+        "merger",
+        "deepstack_merger_list.0",
+        "deepstack_merger_list.1",
+    }, loaded
+
+
+# --- 5. backwards compatibility ----------------------------------------------------------------------
+
+
+def test_switched_off_paths_train_bit_for_bit_like_plain_swift(gkd_assets, swift_cache, tmp_path):
+    """Same seed, default lmbda (sampling included), three launches: plain `swift rlhf` without the
+    bootstrap; the bootstrap on PYTHONPATH with VKD_ENABLE unset; vkd-run with `weight: 0`. The logged
+    loss, grad_norm and learning rate of every step and the saved adapter must be identical: the
+    switched-off shim may not consume randomness, reorder work or touch the loss.
+    """
+    extra = ("--max_steps", "3", "--save_steps", "3", "--eval_strategy", "no")
+    outs = [tmp_path / f"out_{name}" for name in ("plain", "gate_off", "weight_0")]
+    gate_off_events, weight_0_events = tmp_path / "gate_off.jsonl", tmp_path / "weight_0.jsonl"
+    config = write_config(tmp_path / "vkd.yaml", weight=0)
+    launches = [
+        (tiny_assets.gkd_command(gkd_assets, outs[0], *extra), swift_env(swift_cache)),
+        (
+            tiny_assets.gkd_command(gkd_assets, outs[1], *extra),
+            swift_env(swift_cache, BOOTSTRAP_DIR, VKD_LOG_FILE=gate_off_events),
+        ),
+        (
+            [
+                VKD_RUN,
+                "--config",
+                config,
+                "--log-file",
+                weight_0_events,
+                *tiny_assets.gkd_command(gkd_assets, outs[2], *extra),
+            ],
+            swift_env(swift_cache),
+        ),
+    ]
+    for argv, env in launches:
+        trained(launch(argv, env))
+
+    def trajectory(out: Path) -> list[tuple]:
+        return [
+            (s, r["loss"], r["grad_norm"], r["learning_rate"])
+            for s, r in train_rows(tiny_assets.read_logging_jsonl(out)).items()
+        ]
+
+    plain = trajectory(outs[0])
+    assert [s for s, *_ in plain] == [1, 2, 3]
+    assert trajectory(outs[1]) == plain
+    assert trajectory(outs[2]) == plain
+    adapters = [(run_dir(o) / "checkpoint-3" / "adapter_model.safetensors").read_bytes() for o in outs]
+    assert adapters[1] == adapters[0] and adapters[2] == adapters[0]
+
+    for out in outs:
+        assert not any(k.startswith("vision_kd") for row in tiny_assets.read_logging_jsonl(out) for k in row)
+    assert not gate_off_events.exists(), "with VKD_ENABLE unset the shim must not even start"
+    events = read_jsonl(weight_0_events)
+    (note,) = named(events, "vkd.config.note")
+    assert "weight = 0" in note["note"]
+    assert not named(events, "vkd.attach")
+
+
+# --- 6. refusals before any model loads ----------------------------------------------------------------
+
+
+REFUSALS = {
+    # case: (config block, flags to drop, flags to add, what the error must name)
+    "typo_in_config": ({"wieght": 0.1}, (), (), ("custom.visual_kd.wieght", "{config}", "weight")),
+    "remote_teacher": (
+        {},
+        ("--teacher_model", "--teacher_model_type"),
+        ("--teacher_model_server", "http://127.0.0.1:9", "--gkd_logits_topk", "5"),
+        ("teacher_model_server", "--teacher_model"),
+    ),
+    "dpo": ({}, (), ("--rlhf_type", "dpo"), ("'dpo'", "--rlhf_type gkd")),
+    "no_teacher": (
+        {},
+        ("--teacher_model", "--teacher_model_type"),
+        (),
+        ("no --teacher_model", "pass --teacher_model"),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSALS))
+def test_refusal_stops_before_any_model_loads(case, gkd_assets, swift_cache, probe_dir, tmp_path):
+    """A mistake must cost seconds, not a model load: the run exits non-zero with the shim's one-line
+    reason and fix (in the events and at the end of stderr), and the probe, a user sitecustomize chained
+    after the bootstrap, never sees ms-swift's model loader start.
+    """
+    block, drop, add, names = REFUSALS[case]
+    config = write_config(tmp_path / "vkd.yaml", **{"weight": 0.1, **block})
+    events_file = tmp_path / "events.jsonl"
+    argv = without(tiny_assets.gkd_command(gkd_assets, tmp_path / "out", *add), *drop)
+    proc = launch(
+        [VKD_RUN, "--config", config, "--log-file", events_file, *argv],
+        swift_env(swift_cache, probe_dir, **{PROBE_FILE_ENV: tmp_path / "probe.jsonl"}),
+        timeout=FAIL_FAST_TIMEOUT_S,
+    )
+    assert proc.returncode != 0, report(proc)
+    assert LOADER_MARKER not in proc.stderr, report(proc)
+
+    (refuse,) = named(read_jsonl(events_file), "vkd.refuse")
+    message = f"vision KD refused: {refuse['reason']}. Fix: {refuse['fix']}."
+    assert "\n" not in message
+    for name in names:
+        assert name.format(config=config) in message, message
+    last_line = proc.stderr.strip().splitlines()[-1]
+    assert last_line == f"vkd_shim.patches.RefusedError: {message}", report(proc)
+    if case == "typo_in_config":
+        (invalid,) = named(read_jsonl(events_file), "vkd.config.invalid")
+        assert (invalid["field"], invalid["source"]) == ("custom.visual_kd.wieght", str(config))
+        assert "weight" in invalid["allowed"].split(", ")
+
+
+def test_valid_setup_passes_the_preflight_and_reaches_the_loader(
+    gkd_assets, swift_cache, probe_dir, tmp_path
+):
+    """Positive control for the refusal tests: with a valid config the preflight lets the run through
+    and the probe does see the loader start (here a teacher dir holding only config.json makes the load
+    itself fail fast), so the marker's absence above really means "stopped before loading".
+    """
+    teacher = tmp_path / "teacher_without_weights"
+    teacher.mkdir()
+    shutil.copy(Path(gkd_assets["teacher"]) / "config.json", teacher)
+    config = write_config(tmp_path / "vkd.yaml", weight=0.1)
+    events_file = tmp_path / "events.jsonl"
+    argv = tiny_assets.gkd_command({**gkd_assets, "teacher": str(teacher)}, tmp_path / "out")
+    proc = launch(
+        [VKD_RUN, "--config", config, "--log-file", events_file, *argv],
+        swift_env(swift_cache, probe_dir, **{PROBE_FILE_ENV: tmp_path / "probe.jsonl"}),
+        timeout=FAIL_FAST_TIMEOUT_S,
+    )
+    assert proc.returncode != 0, report(proc)
+    assert LOADER_MARKER in proc.stderr, report(proc)
+    events = read_jsonl(events_file)
+    assert named(events, "vkd.config") and not named(events, "vkd.refuse"), events
