@@ -19,9 +19,9 @@ from vkd_shim import patches, telemetry
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return tiny_assets.build_all(tmp_path_factory.mktemp("assets"))
+@pytest.fixture
+def assets(gkd_assets):
+    return gkd_assets
 
 
 @pytest.fixture
