@@ -1,0 +1,54 @@
+"""`vkd-shim doctor` / `python -m vkd_shim doctor` in real interpreters: what a user runs before a job."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from vkd_shim.bootstrap import BOOTSTRAP_DIR
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = os.pathsep.join(
+    str(REPO / "configs" / name) for name in ("visual_kd_base.yaml", "stage3_visual_kd.yaml")
+)
+
+
+def doctor(*, pythonpath: str | None = None, **env_extra: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VKD_") and k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", MODELSCOPE_OFFLINE="1", TRL_EXPERIMENTAL_SILENCE="1", **env_extra)
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    return subprocess.run(
+        [sys.executable, "-m", "vkd_shim", "doctor"], env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_doctor_reports_a_ready_setup_and_exits_zero():
+    proc = doctor(pythonpath=BOOTSTRAP_DIR, VKD_ENABLE="1", VKD_CONFIG=CONFIGS)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert "a child Python process started with this environment activates: yes" in out
+    assert "weight: 0.1  <- " + str(REPO / "configs" / "stage3_visual_kd.yaml") in out
+    assert "ms-swift: 4.6.0" in out and "ms-swift layout: 4.6.x" in out
+    assert "[ok] swift.rlhf_trainers.gkd_trainer:GKDTrainer.compute_loss" in out
+    assert out.rstrip().endswith("OK")
+    # Read-only: the doctor's own process booted with VKD_ENABLE=1 but patched nothing.
+    assert '"vkd.patch"' not in proc.stderr
+
+
+def test_doctor_names_an_invalid_config_and_exits_non_zero(tmp_path):
+    bad = tmp_path / "stage3.yaml"
+    bad.write_text("custom:\n  visual_kd:\n    distance: l2\n")
+    proc = doctor(pythonpath=BOOTSTRAP_DIR, VKD_ENABLE="1", VKD_CONFIG=str(bad))
+    assert proc.returncode == 1
+    assert f"INVALID: invalid vision-KD config in {bad}: custom.visual_kd.distance = 'l2'" in proc.stdout
+    assert "allowed values: mse, cosine" in proc.stdout
+    assert "PROBLEM: invalid config" in proc.stdout
+
+
+def test_doctor_catches_a_gate_that_children_would_not_see():
+    """VKD_ENABLE=1 exported, but no sitecustomize on the path: every worker would train without KD."""
+    proc = doctor(VKD_ENABLE="1")
+    assert proc.returncode == 1
+    assert "activates: no" in proc.stdout
+    assert "a child process would not activate" in proc.stdout
