@@ -307,6 +307,17 @@ def test_default_gkd_run_logs_the_weighted_term_on_visual_steps_only(
     # The probe announces loader entries (positive control for the fail-fast test's "never loaded").
     assert proc.stderr.count(LOADER_MARKER) >= 3, "probe saw no model load: its absence proves nothing"
 
+    # TensorBoard, where users watch it: train/ and eval/ scalars with the logged values.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(run_dir(out) / "runs")).Reload()
+    scalars = board.Tags()["scalars"]
+    assert {"train/vision_kd_loss", "train/vision_kd/merger", "eval/vision_kd_loss"} <= set(scalars), scalars
+    logged = {e.step: e.value for e in board.Scalars("train/vision_kd_loss")}
+    assert logged.keys() == visual
+    last = max(visual)
+    assert logged[last] == pytest.approx(train[last]["vision_kd_loss"], rel=1e-4)
+
 
 # --- 2. student initialized from the teacher ---------------------------------------------------------
 
