@@ -33,7 +33,7 @@ $(STAMP312): requirements/swift312.txt setup.cfg pyproject.toml
 	$(PY312) -m pip install -q --upgrade pip $(QUIET_PIP)
 	$(PY312) -m pip install -q -r requirements/swift312.txt $(QUIET_PIP)
 	$(PY312) -m pip install -q --no-deps -e . $(QUIET_PIP)
-	$(PY312) -c "import vkd_shim, swift, torch, torchvision, wrapt, structlog, yaml, qwen_vl_utils, decord; assert swift.__version__.startswith('3.12.')"
+	$(PY312) -c "import vkd_shim, swift, torch, torchvision, wrapt, structlog, yaml, msgspec, qwen_vl_utils, decord; assert swift.__version__.startswith('3.12.')"
 	touch $@
 
 lint: venv
