@@ -114,15 +114,20 @@ def main() -> int:
     return 0
 
 
-def write_section(path: Path, section: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if MARK_BEGIN in text:
-        head, _, rest = text.partition(MARK_BEGIN)
-        _, _, tail = rest.partition(MARK_END)
+def write_section(
+    path: Path, section: str, *, begin: str = MARK_BEGIN, end: str = MARK_END, title: str = "# Benchmarks"
+) -> None:
+    """Replace the text between ``begin`` and ``end`` in a generated doc (or append it), so each
+    script rewrites only its own section and hand-written text around it stays."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8") if path.exists() else title + "\n"
+    if begin in text:
+        head, _, rest = text.partition(begin)
+        _, _, tail = rest.partition(end)
         text = head + section + tail
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
+    path.write_text(text, encoding="utf-8")
 
 
 if __name__ == "__main__":

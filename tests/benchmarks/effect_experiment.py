@@ -47,6 +47,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests"))
 
+import bench_startup  # noqa: E402  (tests/benchmarks is this script's own directory)
 import tiny_assets  # noqa: E402  (tests/ is not a package; the path is set just above)
 
 MARK_BEGIN = "<!-- effect:begin -->"
@@ -801,17 +802,6 @@ def report(results: dict[str, Any], work: Path) -> str:
     )
 
 
-def write_section(path: Path, section: str) -> None:
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Effect experiment\n"
-    if MARK_BEGIN in text:
-        head, _, rest = text.partition(MARK_BEGIN)
-        _, _, tail = rest.partition(MARK_END)
-        text = head + section + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text, encoding="utf-8")
-
-
 def load_average() -> str:
     try:
         return " ".join(f"{v:.1f}" for v in os.getloadavg())
@@ -900,7 +890,9 @@ def main() -> int:
 def publish(results: dict[str, Any], work: Path, out: Path) -> None:
     plot(results["runs"], results["evaluation"], out / "img")
     section = report(results, work)
-    write_section(out / "EFFECT.md", section)
+    bench_startup.write_section(
+        out / "EFFECT.md", section, begin=MARK_BEGIN, end=MARK_END, title="# Effect experiment"
+    )
     print(section)
 
 
