@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE := 1
 export MODELSCOPE_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv venv312 lint test test46 test312 demo bench clean
+.PHONY: venv venv312 lint test test46 test312 demo bench bench-gpu clean
 
 venv: $(STAMP)
 
@@ -53,6 +53,11 @@ demo: venv
 
 bench: venv
 	$(PY) tests/benchmarks/bench_startup.py --out docs/BENCHMARKS.md
+	$(PY) tests/benchmarks/bench_step.py --threads 1 --out docs/BENCHMARKS.md
+	$(PY) tests/benchmarks/bench_memory.py --threads 1 --out docs/BENCHMARKS.md
+
+bench-gpu: venv
+	$(PY) tests/benchmarks/bench_step.py --device cuda --model 4b --out docs/BENCHMARKS.md
 
 clean:
 	rm -rf $(WORK) build *.egg-info
