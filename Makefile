@@ -44,12 +44,12 @@ test46: venv
 	$(PY) -m pytest -q
 
 test312: venv312
-	$(PY312) -m pytest -q tests/swift312 tests/test_loss.py
+	$(PY312) -m pytest -q tests/swift312 tests/test_patches.py tests/test_loss.py
 
 test: lint test46 test312
 
 demo: venv
-	$(PY) tests/demo.py --work $(WORK)/demo
+	$(PY) -m vkd_shim.demo --work $(WORK)/demo
 
 bench: venv
 	$(PY) tests/benchmarks/bench_startup.py --out docs/BENCHMARKS.md

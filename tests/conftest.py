@@ -8,13 +8,14 @@ per session.
 from __future__ import annotations
 
 import pytest
-import tiny_assets
+
+from vkd_shim.testing import launch as kit
 
 
 @pytest.fixture(scope="session")
 def gkd_assets(tmp_path_factory) -> dict:
     """Teacher and student (different seeds), train/val jsonl with image, video and text-only rows."""
-    return tiny_assets.build_all(tmp_path_factory.mktemp("gkd_assets"))
+    return kit.build_all(tmp_path_factory.mktemp("gkd_assets"))
 
 
 @pytest.fixture(scope="session")

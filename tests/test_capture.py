@@ -13,44 +13,49 @@ import sys
 import weakref
 
 import pytest
-import tiny_models
 import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
+from vkd_shim import capture as capture_module
 from vkd_shim.capture import (
     STUDENT,
     TEACHER,
-    CaptureError,
     FeatureCapture,
-    RoleUnknownError,
-    TargetResolutionError,
+    Target,
     resolve_targets,
     unwrap,
+    vision_tower,
 )
+from vkd_shim.errors import CaptureError, RoleUnknownError, TargetResolutionError
+from vkd_shim.testing import inputs as kit_inputs
+from vkd_shim.testing import models
 
-KINDS = ("merger", "deepstack")
-TARGETS = ["merger", "deepstack_0", "deepstack_1"]
+KINDS = ("merger", "deepstack")  # the aligner outputs; vit has its own tests
+MERGER = Target("merger")
+DEEPSTACK_0 = Target("deepstack", 0)
+DEEPSTACK_1 = Target("deepstack", 1)
+TARGETS = [MERGER, DEEPSTACK_0, DEEPSTACK_1]
 
 
 @pytest.fixture(scope="module")
 def student() -> nn.Module:
-    return tiny_models.build_qwen3_vl(seed=0)
+    return models.build_qwen3_vl(seed=0)
 
 
 @pytest.fixture(scope="module")
 def teacher() -> nn.Module:
-    return tiny_models.build_qwen3_vl(seed=1)
+    return models.build_qwen3_vl(seed=1)
 
 
 @pytest.fixture(scope="module")
 def qwen2_5() -> nn.Module:
-    return tiny_models.build_qwen2_5_vl(seed=0)
+    return models.build_qwen2_5_vl(seed=0)
 
 
 @pytest.fixture(scope="module")
 def vision(student):
-    return tiny_models.vision_inputs(student.config, n_images=2, seed=3)
+    return kit_inputs.vision_inputs(student.config, n_images=2, seed=3)
 
 
 @pytest.fixture
@@ -76,13 +81,13 @@ class Wrapper(nn.Module):
         self.module = module
 
 
-def image_features(model: nn.Module, vision: dict) -> dict[str, torch.Tensor]:
+def image_features(model: nn.Module, vision: dict) -> dict[Target, torch.Tensor]:
     """What the language model receives: merger and deepstack outputs, all images concatenated."""
     with torch.no_grad():
         out = model.model.get_image_features(**vision)
-    features = {"merger": torch.cat(out.pooler_output)}
+    features = {MERGER: torch.cat(out.pooler_output)}
     for index, per_image in enumerate(out.deepstack_features):
-        features[f"deepstack_{index}"] = torch.cat(per_image)
+        features[Target("deepstack", index)] = torch.cat(per_image)
     return features
 
 
@@ -113,6 +118,20 @@ def swift_declared_aligner(arch: str) -> list[str]:
     raise LookupError(f"ms-swift declares no aligner for {arch}")
 
 
+# --- targets ----------------------------------------------------------------------------------
+
+
+def test_target_is_a_value_with_a_metric_name():
+    assert (*KINDS, "vit") == capture_module.KINDS
+    assert (MERGER.kind, MERGER.index, MERGER.name) == ("merger", None, "merger")
+    assert (DEEPSTACK_1.kind, DEEPSTACK_1.index, DEEPSTACK_1.name) == ("deepstack", 1, "deepstack_1")
+    assert Target("deepstack", 1) == DEEPSTACK_1
+    assert Target("deepstack", 0) != DEEPSTACK_1
+    assert {Target("merger"): 1}[MERGER] == 1  # hashable by value: a key across capture, loss and runtime
+    assert pickle.loads(pickle.dumps(DEEPSTACK_0)) == DEEPSTACK_0
+    assert [t.name for t in TARGETS] == ["merger", "deepstack_0", "deepstack_1"]
+
+
 # --- resolution -----------------------------------------------------------------------------
 
 
@@ -120,16 +139,16 @@ def test_resolves_merger_and_every_deepstack_layer(student):
     targets = resolve_targets(student, KINDS)
 
     assert list(targets) == TARGETS
-    assert targets["merger"] is student.model.visual.merger
-    assert targets["deepstack_0"] is student.model.visual.deepstack_merger_list[0]
-    assert targets["deepstack_1"] is student.model.visual.deepstack_merger_list[1]
+    assert targets[MERGER] is student.model.visual.merger
+    assert targets[DEEPSTACK_0] is student.model.visual.deepstack_merger_list[0]
+    assert targets[DEEPSTACK_1] is student.model.visual.deepstack_merger_list[1]
 
 
 def test_deepstack_layer_subset(student):
     targets = resolve_targets(student, ["deepstack"], deepstack_layers=[1])
 
-    assert list(targets) == ["deepstack_1"]
-    assert targets["deepstack_1"] is student.model.visual.deepstack_merger_list[1]
+    assert list(targets) == [DEEPSTACK_1]
+    assert targets[DEEPSTACK_1] is student.model.visual.deepstack_merger_list[1]
 
 
 @pytest.mark.parametrize("layer", [2, -1])
@@ -144,12 +163,12 @@ def test_out_of_range_deepstack_layer_is_refused(student, layer):
 
 
 def test_unknown_kind_is_refused(student):
-    with pytest.raises(TargetResolutionError, match=r"allowed kinds are \['merger', 'deepstack'\]"):
+    with pytest.raises(TargetResolutionError, match=r"allowed kinds are \['merger', 'deepstack', 'vit'\]"):
         resolve_targets(student, ["merger", "projector"])
 
 
 def test_qwen2_5_vl_has_a_merger_but_no_deepstack(qwen2_5):
-    assert resolve_targets(qwen2_5, ["merger"]) == {"merger": qwen2_5.model.visual.merger}
+    assert resolve_targets(qwen2_5, ["merger"]) == {MERGER: qwen2_5.model.visual.merger}
 
     with pytest.raises(TargetResolutionError) as error:
         resolve_targets(qwen2_5, KINDS)
@@ -164,7 +183,7 @@ def test_qwen2_5_vl_has_a_merger_but_no_deepstack(qwen2_5):
 def test_qwen2_5_vl_merger_capture_equals_image_features(qwen2_5, make_capture):
     # 56x56 px at patch 14 -> 4x4 patches -> 4 tokens, inside one 112 px attention window, so
     # Qwen2.5-VL's window reordering leaves the merger rows in the order the LM receives them.
-    vision = tiny_models.vision_inputs(qwen2_5.config, n_images=2, image_hw=(56, 56), seed=4)
+    vision = kit_inputs.vision_inputs(qwen2_5.config, n_images=2, image_hw=(56, 56), seed=4)
     with torch.no_grad():
         expected = torch.cat(qwen2_5.model.get_image_features(**vision).pooler_output)
     capture = make_capture(qwen2_5, None, ["merger"])
@@ -174,20 +193,20 @@ def test_qwen2_5_vl_merger_capture_equals_image_features(qwen2_5, make_capture):
         qwen2_5.model.get_image_features(**vision)
         taken = capture.take()
 
-    assert taken[STUDENT]["merger"].shape == (8, 64)
-    torch.testing.assert_close(taken[STUDENT]["merger"], expected, rtol=0, atol=0)
+    assert taken[STUDENT][MERGER].shape == (8, 64)
+    torch.testing.assert_close(taken[STUDENT][MERGER], expected, rtol=0, atol=0)
 
 
 def test_resolves_through_peft_and_ddp_like_wrappers():
-    model = tiny_models.build_qwen3_vl(seed=0)
+    model = models.build_qwen3_vl(seed=0)
     merger = model.model.visual.merger
     peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     wrapped = Wrapper(Wrapper(peft_model))
 
     assert unwrap(wrapped) is model
     targets = resolve_targets(wrapped, KINDS)
-    assert targets["merger"] is merger
-    assert targets["deepstack_1"] is model.model.visual.deepstack_merger_list[1]
+    assert targets[MERGER] is merger
+    assert targets[DEEPSTACK_1] is model.model.visual.deepstack_merger_list[1]
 
 
 def test_swift_declared_aligner_paths_resolve(student):
@@ -202,7 +221,7 @@ def test_declared_aligner_wins_over_the_qwen_layout(student):
     # path would find a different module.
     targets = resolve_targets(student, ["merger"], aligner=["model.visual.deepstack_merger_list.0"])
 
-    assert targets["merger"] is student.model.visual.deepstack_merger_list[0]
+    assert targets[MERGER] is student.model.visual.deepstack_merger_list[0]
 
 
 def test_several_declared_modules_prefer_the_one_named_merger(student):
@@ -214,14 +233,52 @@ def test_several_declared_modules_prefer_the_one_named_merger(student):
 
 def test_ambiguous_declared_aligner_is_refused(student):
     with pytest.raises(TargetResolutionError, match="ambiguous 'merger' aligner"):
-        resolve_targets(
-            student, ["merger"], aligner=["model.visual.blocks.0.mlp", "model.visual.blocks.1.mlp"]
-        )
+        resolve_targets(student, ["merger"], aligner=["model.visual.blocks.0.mlp", "model.visual.blocks.1.mlp"])
+
+
+def test_resolution_errors_are_lookup_errors(student):
+    with pytest.raises(LookupError, match=r"valid layers are 0\.\.1"):
+        resolve_targets(student, ["deepstack"], deepstack_layers=[5])
+
+
+# --- vision tower -----------------------------------------------------------------------------
+
+
+def test_vision_tower_is_the_module_holding_the_merger(student, qwen2_5):
+    tower = vision_tower(student)
+    assert tower is student.model.visual
+    # Everything the captured outputs depend on lives under it: blocks, patch embedding, mergers.
+    owned = {id(p) for p in tower.parameters()}
+    for module in (
+        student.model.visual.merger,
+        student.model.visual.deepstack_merger_list[1],
+        student.model.visual.blocks[0],
+        student.model.visual.patch_embed,
+    ):
+        assert all(id(p) in owned for p in module.parameters())
+    assert not any(id(p) in owned for p in student.model.language_model.parameters())
+    assert vision_tower(qwen2_5) is qwen2_5.model.visual
+
+
+def test_vision_tower_follows_declared_paths_wrappers_and_the_legacy_layout(student):
+    declared = ["model.visual.merger", "model.visual.deepstack_merger_list"]
+    assert vision_tower(student, aligner=declared) is student.model.visual
+    model = models.build_qwen3_vl(seed=0)
+    wrapped = Wrapper(get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"])))
+    assert vision_tower(wrapped) is model.model.visual
+    legacy = legacy_layout(TupleMerger())
+    assert vision_tower(legacy) is legacy.visual
+
+
+def test_vision_tower_of_a_model_without_aligner_is_none():
+    text_only = nn.Sequential(nn.Linear(2, 2))
+    assert vision_tower(text_only) is None
+    assert vision_tower(text_only, aligner=["0.missing"]) is None
 
 
 def test_teacher_with_fewer_deepstack_layers_is_refused_up_front(student):
-    shallow = tiny_models.build_qwen3_vl(
-        seed=1, config=tiny_models.qwen3_vl_config(vision_config={"deepstack_visual_indexes": [0]})
+    shallow = models.build_qwen3_vl(
+        seed=1, config=models.qwen3_vl_config(vision_config={"deepstack_visual_indexes": [0]})
     )
 
     with pytest.raises(TargetResolutionError, match="differ from teacher targets"):
@@ -254,7 +311,7 @@ def test_captures_equal_what_the_language_model_receives(student, teacher, visio
     assert list(taken) == [STUDENT]
     assert list(taken[STUDENT]) == TARGETS
     # 2 images of 4x4 patches, 2x2 merge -> 2 * 4 = 8 token rows of out_hidden_size 64.
-    assert taken[STUDENT]["merger"].shape == (8, 64)
+    assert taken[STUDENT][MERGER].shape == (8, 64)
     for target in TARGETS:
         torch.testing.assert_close(taken[STUDENT][target], expected[target], rtol=0, atol=0)
 
@@ -272,7 +329,7 @@ def test_separate_teacher_capture_equals_teacher_alone(student, teacher, vision,
 
     for target in TARGETS:
         torch.testing.assert_close(taken[TEACHER][target], expected[target], rtol=0, atol=0)
-    assert not torch.allclose(taken[TEACHER]["merger"], taken[STUDENT]["merger"])
+    assert not torch.allclose(taken[TEACHER][MERGER], taken[STUDENT][MERGER])
 
 
 def test_unshared_module_trusts_its_owner_over_the_role(student, teacher, vision, make_capture):
@@ -281,11 +338,11 @@ def test_unshared_module_trusts_its_owner_over_the_role(student, teacher, vision
 
     with capture.window(), torch.no_grad(), capture.role(TEACHER):
         student.model.get_image_features(**vision)
-        assert capture.calls == {(STUDENT, "merger"): 1}
+        assert capture.calls == {(STUDENT, MERGER): 1}
 
 
 def test_full_forward_captures_for_the_student(student, teacher, make_capture):
-    inputs = tiny_models.forward_inputs(student.config, n_images=2, seed=5)
+    inputs = kit_inputs.forward_inputs(student.config, n_images=2, seed=5)
     expected = image_features(student, {k: inputs[k] for k in ("pixel_values", "image_grid_thw")})
     capture = make_capture(student, teacher, KINDS)
     capture.attach()
@@ -302,7 +359,7 @@ def test_full_forward_captures_for_the_student(student, teacher, make_capture):
 
 
 def test_image_and_video_forward_concatenates_calls_in_order(student, teacher, make_capture):
-    inputs = tiny_models.forward_inputs(student.config, n_images=1, n_videos=1, seed=7)
+    inputs = kit_inputs.forward_inputs(student.config, n_images=1, n_videos=1, seed=7)
     with torch.no_grad():
         images = student.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
         videos = student.model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])
@@ -317,11 +374,11 @@ def test_image_and_video_forward_concatenates_calls_in_order(student, teacher, m
     # Without DeepSpeed the tower runs once for images and once for videos.
     assert calls == {(STUDENT, target): 2 for target in TARGETS}
     # 1 image (4x4 patches) -> 4 tokens; 1 video of 4 frames (2x4x4 patches) -> 8 tokens.
-    assert taken[STUDENT]["merger"].shape == (12, 64)
+    assert taken[STUDENT][MERGER].shape == (12, 64)
     expected_merger = torch.cat([*images.pooler_output, *videos.pooler_output])
-    torch.testing.assert_close(taken[STUDENT]["merger"], expected_merger)
+    torch.testing.assert_close(taken[STUDENT][MERGER], expected_merger)
     expected_deepstack = torch.cat([*images.deepstack_features[1], *videos.deepstack_features[1]])
-    torch.testing.assert_close(taken[STUDENT]["deepstack_1"], expected_deepstack)
+    torch.testing.assert_close(taken[STUDENT][DEEPSTACK_1], expected_deepstack)
 
 
 def test_teacher_features_are_detached_student_keep_their_graph(student, teacher, vision, make_capture):
@@ -333,16 +390,16 @@ def test_teacher_features_are_detached_student_keep_their_graph(student, teacher
         teacher.model.get_image_features(**vision)  # grad mode on: only the role detaches it
         taken = capture.take()
 
-    assert taken[STUDENT]["merger"].grad_fn is not None
-    assert taken[TEACHER]["merger"].grad_fn is None
-    assert not taken[TEACHER]["merger"].requires_grad
+    assert taken[STUDENT][MERGER].grad_fn is not None
+    assert taken[TEACHER][MERGER].grad_fn is None
+    assert not taken[TEACHER][MERGER].requires_grad
 
 
 # --- nothing outside the window ----------------------------------------------------------------
 
 
 def test_nothing_recorded_outside_a_window_including_generate(student, teacher, make_capture):
-    inputs = tiny_models.forward_inputs(student.config, n_images=1, seed=9)
+    inputs = kit_inputs.forward_inputs(student.config, n_images=1, seed=9)
     inputs.pop("labels")
     fired: list[int] = []
     witness = student.model.visual.merger.register_forward_hook(lambda *_: fired.append(1))
@@ -370,7 +427,7 @@ def test_window_exit_drops_every_reference(student, teacher, vision, make_captur
 
     with capture.window(), torch.no_grad():
         student.model.get_image_features(**vision)  # result discarded: the store holds the only ref
-        captured = weakref.ref(capture.take()[STUDENT]["merger"])
+        captured = weakref.ref(capture.take()[STUDENT][MERGER])
         assert captured() is not None
 
     gc.collect()
@@ -384,7 +441,7 @@ def test_window_exit_clears_after_an_exception(student, teacher, vision, make_ca
 
     with pytest.raises(ZeroDivisionError), capture.window(), torch.no_grad():
         student.model.get_image_features(**vision)
-        assert capture.calls == {(STUDENT, "merger"): 1}
+        assert capture.calls == {(STUDENT, MERGER): 1}
         _ = 1 / 0
 
     assert capture.calls == {}
@@ -427,7 +484,7 @@ def test_hooks_hold_only_a_picklable_store(student, teacher, make_capture):
     restored = pickle.loads(pickle.dumps(hook))
     # A closure over the model would drag its parameters along; the store pickles in bytes.
     assert len(pickle.dumps(hook)) < 2000
-    assert restored.args[1:] == ("merger", STUDENT)
+    assert restored.args[1:] == (MERGER, STUDENT)
 
 
 def test_detach_leaves_the_model_as_before(student, teacher, vision, make_capture):
@@ -458,7 +515,7 @@ def test_detach_leaves_the_model_as_before(student, teacher, vision, make_captur
 @pytest.fixture(scope="module")
 def lora_on_merger():
     """LoRA on the LM's q/v and on the final merger, with random B so adapters change outputs."""
-    model = tiny_models.build_qwen3_vl(seed=0)
+    model = models.build_qwen3_vl(seed=0)
     config = LoraConfig(
         r=4,
         init_lora_weights=False,
@@ -468,7 +525,7 @@ def lora_on_merger():
 
 
 def test_shared_modules_attribute_by_role(lora_on_merger, vision, make_capture):
-    base = image_features(tiny_models.build_qwen3_vl(seed=0), vision)
+    base = image_features(models.build_qwen3_vl(seed=0), vision)
     capture = make_capture(lora_on_merger, lora_on_merger, KINDS)
     capture.attach()
     assert capture.shared
@@ -481,11 +538,11 @@ def test_shared_modules_attribute_by_role(lora_on_merger, vision, make_capture):
                 lora_on_merger.base_model.model.model.get_image_features(**vision)
         taken = capture.take()
 
-    student_merger, teacher_merger = taken[STUDENT]["merger"], taken[TEACHER]["merger"]
-    torch.testing.assert_close(teacher_merger, base["merger"])
+    student_merger, teacher_merger = taken[STUDENT][MERGER], taken[TEACHER][MERGER]
+    torch.testing.assert_close(teacher_merger, base[MERGER])
     assert not torch.allclose(student_merger, teacher_merger, atol=1e-3)
     # The adapters sit on the final merger only: deepstack outputs agree across roles.
-    torch.testing.assert_close(taken[STUDENT]["deepstack_0"], taken[TEACHER]["deepstack_0"])
+    torch.testing.assert_close(taken[STUDENT][DEEPSTACK_0], taken[TEACHER][DEEPSTACK_0])
     assert student_merger.grad_fn is not None
     assert teacher_merger.grad_fn is None
 
@@ -494,7 +551,7 @@ def test_teacher_none_means_self_distillation(lora_on_merger, make_capture):
     capture = make_capture(lora_on_merger, None, ["merger"])
 
     assert capture.shared
-    assert capture.targets == ("merger",)
+    assert capture.targets == (MERGER,)
 
 
 def test_shared_module_without_role_is_reported_from_take(lora_on_merger, vision, make_capture):
@@ -504,8 +561,9 @@ def test_shared_module_without_role_is_reported_from_take(lora_on_merger, vision
     with capture.window(), torch.no_grad():
         features = lora_on_merger.base_model.model.model.get_image_features(**vision)
         assert torch.cat(features.pooler_output).shape == (8, 64)  # the forward itself succeeded
-        with pytest.raises(RoleUnknownError, match=r"no role set \(target -> calls: \{'merger': 1\}\)"):
+        with pytest.raises(RoleUnknownError, match=r"no role set \(target -> calls: \{'merger': 1\}\)") as error:
             capture.take()
+    assert isinstance(error.value, CaptureError)
 
 
 def test_role_rejects_unknown_names(lora_on_merger, make_capture):
@@ -549,7 +607,7 @@ def test_tuple_outputs_are_normalized():
         expected = merger(x)[0]
         taken = capture.take()
 
-    torch.testing.assert_close(taken[STUDENT]["merger"], expected)
+    torch.testing.assert_close(taken[STUDENT][MERGER], expected)
     capture.detach()
 
 

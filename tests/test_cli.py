@@ -8,18 +8,16 @@ from pathlib import Path
 from vkd_shim.bootstrap import BOOTSTRAP_DIR
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = os.pathsep.join(
-    str(REPO / "configs" / name) for name in ("visual_kd_base.yaml", "stage3_visual_kd.yaml")
-)
+CONFIGS = os.pathsep.join(str(REPO / "configs" / name) for name in ("visual_kd_base.yaml", "stage3_visual_kd.yaml"))
 
 
-def doctor(*, pythonpath: str | None = None, **env_extra: str) -> subprocess.CompletedProcess:
+def doctor(*launch: str, pythonpath: str | None = None, **env_extra: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("VKD_") and k != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", MODELSCOPE_OFFLINE="1", TRL_EXPERIMENTAL_SILENCE="1", **env_extra)
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
     return subprocess.run(
-        [sys.executable, "-m", "vkd_shim", "doctor"], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "vkd_shim", "doctor", *launch], env=env, capture_output=True, text=True, timeout=300
     )
 
 
@@ -41,9 +39,23 @@ def test_doctor_names_an_invalid_config_and_exits_non_zero(tmp_path):
     bad.write_text("custom:\n  visual_kd:\n    distance: l2\n")
     proc = doctor(pythonpath=BOOTSTRAP_DIR, VKD_ENABLE="1", VKD_CONFIG=str(bad))
     assert proc.returncode == 1
-    assert f"INVALID: invalid vision-KD config in {bad}: custom.visual_kd.distance = 'l2'" in proc.stdout
-    assert "allowed values: mse, cosine" in proc.stdout
-    assert "PROBLEM: invalid config" in proc.stdout
+    assert f"PROBLEM: invalid vision-KD config in {bad}: custom.visual_kd.distance = 'l2'" in proc.stdout
+    assert "allowed values: mse, cosine, nmse, relation" in proc.stdout
+    assert "the run would stop" in proc.stdout
+
+
+def test_doctor_makes_disabled_by_config_a_visible_decision(tmp_path):
+    off = tmp_path / "off.yaml"
+    off.write_text("custom:\n  visual_kd:\n    enabled: false\n")
+    proc = doctor(pythonpath=BOOTSTRAP_DIR, VKD_ENABLE="1", VKD_CONFIG=str(off))
+    assert proc.returncode == 0, proc.stdout
+    assert "DECISION: VKD_ENABLE is on but the config turns the term off" in proc.stdout
+
+
+def test_doctor_refuses_a_switch_that_is_neither_on_nor_off():
+    proc = doctor(pythonpath=BOOTSTRAP_DIR, VKD_ENABLE="enable")
+    assert proc.returncode == 1
+    assert "VKD_ENABLE = 'enable': neither on nor off" in proc.stdout
 
 
 def test_doctor_catches_a_gate_that_children_would_not_see():

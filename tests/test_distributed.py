@@ -11,8 +11,8 @@ FSDP launch that stops before loading, about 30 s), one torchrun of a 2-rank pro
 s) and a few interpreter starts.
 
 The `test_deepspeed_env_*` tests exercise `deepspeed_env_lines`, `write_deepspeed_env`,
-`deepspeed_env_problems` and `vkd-run --write-deepspeed-env` in `vkd_shim.cli`, which carry the `VKD_*`
-settings through DeepSpeed's `.deepspeed_env`.
+`deepspeed_env_problems` (in `vkd_shim.env`) and `vkd-run --write-deepspeed-env`, which carry the
+`VKD_*` settings through DeepSpeed's `.deepspeed_env`.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import tiny_assets
 
 from vkd_shim.bootstrap import BOOTSTRAP_DIR
+from vkd_shim.testing import launch as kit
 
 REPO = Path(__file__).resolve().parents[1]
 VKD_RUN = Path(sys.executable).with_name("vkd-run")
@@ -127,8 +127,8 @@ if os.environ.get("{TAP_DIR_ENV}"):
 
 
 def swift_env(cache: Path, tap_dir: Path, **extra: str) -> dict:
-    """tiny_assets' offline CPU env with the tap on PYTHONPATH and nothing of ours from the test process."""
-    env = tiny_assets.gkd_env(cache_dir=cache)
+    """the kit's offline CPU env with the tap on PYTHONPATH and nothing of ours from the test process."""
+    env = kit.gkd_env(cache_dir=cache)
     for name in [k for k in env if k.startswith("VKD_")]:
         del env[name]
     env.update({"PYTHONPATH": str(tap_dir), TAP_DIR_ENV: str(tap_dir), **extra})
@@ -173,7 +173,7 @@ def free_port() -> int:
 
 
 def image_tokens(row: dict) -> int:
-    """Merged visual tokens of a one-image row: one per 32 x 32 pixel square (tiny_assets' geometry)."""
+    """Merged visual tokens of a one-image row: one per 32 x 32 pixel square (the kit's geometry)."""
     from PIL import Image
 
     with Image.open(row["images"][0]) as image:
@@ -224,7 +224,7 @@ def test_cpu_processes_form_one_ddp_job_only_with_use_cpu(tmp_path):
     """
     probe = tmp_path / "probe.py"
     probe.write_text(DDP_PROBE, encoding="utf-8")
-    env = tiny_assets.gkd_env()
+    env = kit.gkd_env()
     argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     argv += ["--master_port", str(free_port()), str(probe), str(tmp_path / "out")]
     proc = launch(argv, env, timeout=FAIL_FAST_TIMEOUT_S)
@@ -268,11 +268,7 @@ def ddp_dataset(assets: dict, path: Path) -> Path:
             images[image_tokens(row)].append(row)
         elif "videos" not in row:
             texts.append(row)
-    wanted = [
-        images[tokens].pop() if tokens else texts.pop()
-        for step in sorted(DDP_PLAN)
-        for tokens in DDP_PLAN[step]
-    ]
+    wanted = [images[tokens].pop() if tokens else texts.pop() for step in sorted(DDP_PLAN) for tokens in DDP_PLAN[step]]
     rest = [*images[4], *images[6], *texts]
     size = len(wanted) + len(rest)
     order = list(
@@ -282,7 +278,7 @@ def ddp_dataset(assets: dict, path: Path) -> Path:
             batch_size=2,
             repeat_count=1,
             shuffle=True,
-            seed=tiny_assets.DEFAULT_SEED,
+            seed=kit.DEFAULT_SEED,
         )
     )
     placed: list[dict | None] = [None] * size
@@ -304,7 +300,7 @@ def test_two_cpu_ranks_train_as_one_ddp_job_with_vision_kd(gkd_assets, swift_cac
     train = ddp_dataset(gkd_assets, tmp_path / "train.jsonl")
     events_file = tmp_path / "events.jsonl"
     out = tmp_path / "out"
-    argv = tiny_assets.gkd_command(
+    argv = kit.gkd_command(
         {**gkd_assets, "train": str(train)},
         out,
         "--use_cpu", "true",
@@ -334,15 +330,13 @@ def test_two_cpu_ranks_train_as_one_ddp_job_with_vision_kd(gkd_assets, swift_cac
         own = [e for e in events if e["pid"] == record["pid"]]
         assert {(e["rank"], e["world_size"]) for e in own} == {(record["rank"], 2)}, own
         applied = [e["target"] for e in own if e["event"] == "vkd.patch" and e["status"] == "applied"]
-        assert (
-            len(applied) == 4 and sum(t.startswith("swift.rlhf_trainers.gkd_trainer:") for t in applied) == 3
-        )
+        assert len(applied) == 4 and sum(t.startswith("swift.rlhf_trainers.gkd_trainer:") for t in applied) == 3
         assert [e["event"] for e in own].count("vkd.attach") == 1
     assert not [e for e in events if e["level"] == "error" or e["event"] == "vkd.skip"], events
 
     # One writer: rank 0 logs each step once.
     rows = {}
-    for row in tiny_assets.read_logging_jsonl(out):
+    for row in kit.read_logging_jsonl(out):
         if "loss" in row:
             step = int(row["global_step/max_steps"].split("/")[0])
             assert step not in rows, f"step {step} logged twice: the ranks did not train as one job"
@@ -379,10 +373,8 @@ def test_fsdp_is_refused_before_any_model_loads(gkd_assets, swift_cache, tap_dir
     entered, as the tap (armed when the pipeline module loads) shows.
     """
     events_file = tmp_path / "events.jsonl"
-    argv = tiny_assets.gkd_command(gkd_assets, tmp_path / "out", "--fsdp", "fsdp2")
-    proc = launch(
-        [VKD_RUN, "--log-file", events_file, *argv], swift_env(swift_cache, tap_dir), FAIL_FAST_TIMEOUT_S
-    )
+    argv = kit.gkd_command(gkd_assets, tmp_path / "out", "--fsdp", "fsdp2")
+    proc = launch([VKD_RUN, "--log-file", events_file, *argv], swift_env(swift_cache, tap_dir), FAIL_FAST_TIMEOUT_S)
     assert proc.returncode != 0, report(proc)
     assert "Using FSDP2" in proc.stdout + proc.stderr, report(proc)
 
@@ -390,7 +382,7 @@ def test_fsdp_is_refused_before_any_model_loads(gkd_assets, swift_cache, tap_dir
     assert refuse["reason"] == "FSDP is not supported by vision KD yet"
     last_line = proc.stderr.strip().splitlines()[-1]
     assert last_line == (
-        "vkd_shim.patches.RefusedError: vision KD refused: FSDP is not supported by vision KD yet. "
+        "vkd_shim.errors.RefusedError: vision KD refused: FSDP is not supported by vision KD yet. "
         "Fix: use DeepSpeed ZeRO-2/3, or unset VKD_ENABLE."
     )
     loader = [e["event"] for path in tap_dir.glob("loader-*.jsonl") for e in read_jsonl(path)]
@@ -464,7 +456,7 @@ def start_worker(exports: dict[str, str], runner: str, launch_dir: Path, home: P
 
 def launch_node_env(tmp_path: Path) -> dict:
     """The launch node's environment under `vkd-run --config <shipped configs> --log-file ...`."""
-    from vkd_shim.cli import launch_env
+    from vkd_shim.env import launch_env
 
     base = {k: v for k, v in os.environ.items() if not k.startswith("VKD_") and k != "PYTHONPATH"}
     config = os.pathsep.join(str(p) for p in SHIPPED_CONFIGS)
@@ -509,7 +501,7 @@ def test_deepspeed_multinode_worker_activates_only_with_deepspeed_env_lines(runn
 def test_deepspeed_env_lines_carry_every_vkd_setting_with_absolute_paths(tmp_path, monkeypatch):
     """Every VKD_* variable and nothing else, sorted, one `KEY=VALUE` per line, with config and log paths
     absolute: the workers may start in another directory."""
-    from vkd_shim.cli import deepspeed_env_lines
+    from vkd_shim.env import deepspeed_env_lines
 
     monkeypatch.chdir(tmp_path)
     environ = {
@@ -538,7 +530,7 @@ def test_deepspeed_env_lines_carry_every_vkd_setting_with_absolute_paths(tmp_pat
 def test_deepspeed_env_lines_refuse_values_deepspeed_would_quote(name, value):
     """DeepSpeed quotes such values; mpirun then hands the quotes to the worker, and pdsh's shell breaks on
     inner quotes: refuse, naming the variable, rather than write a line that activates nothing."""
-    from vkd_shim.cli import deepspeed_env_lines
+    from vkd_shim.env import deepspeed_env_lines
 
     with pytest.raises(ValueError, match=rf"^{name}=.*\[A-Za-z0-9_@%\+=:,\./-\]"):
         deepspeed_env_lines({"VKD_ENABLE": "1", name: value})
@@ -547,7 +539,7 @@ def test_deepspeed_env_lines_refuse_values_deepspeed_would_quote(name, value):
 def test_deepspeed_env_write_keeps_other_lines_and_replaces_ours(tmp_path):
     """An existing `.deepspeed_env` (NCCL settings, a stale weight) keeps its other lines in order; the
     blank line DeepSpeed's parser would stop on goes, and the file parses the way DeepSpeed parses it."""
-    from vkd_shim.cli import write_deepspeed_env
+    from vkd_shim.env import write_deepspeed_env
 
     path = tmp_path / ".deepspeed_env"
     path.write_text("NCCL_DEBUG=INFO\nVKD_WEIGHT=0.5\n\nNCCL_SOCKET_IFNAME=eth0\n", encoding="utf-8")
@@ -583,9 +575,7 @@ def test_deepspeed_env_vkd_run_option_writes_the_file_and_the_worker_activates(n
         timeout=120,
     )
     assert proc.returncode == 3, proc.stderr
-    assert (launch_dir / ".deepspeed_env").read_text(
-        encoding="utf-8"
-    ) == f"VKD_CONFIG={config}\nVKD_ENABLE=1\n"
+    assert (launch_dir / ".deepspeed_env").read_text(encoding="utf-8") == f"VKD_CONFIG={config}\nVKD_ENABLE=1\n"
     child_pythonpath = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("CHILD"))[5:])
     assert child_pythonpath.split(os.pathsep)[0] == BOOTSTRAP_DIR
 
@@ -598,7 +588,7 @@ def test_deepspeed_env_doctor_check_names_the_file_that_lacks_our_lines(nodes):
     """`vkd-shim doctor`'s check: with the gate on, a `.deepspeed_env` that DeepSpeed would read but that
     lacks (or contradicts) our lines is a problem naming the file and the missing lines; later files
     override earlier ones as in DeepSpeed; no file, or the gate off, is not a problem."""
-    from vkd_shim.cli import deepspeed_env_problems, write_deepspeed_env
+    from vkd_shim.env import deepspeed_env_problems, write_deepspeed_env
 
     launch_dir, home = nodes
     environ = {"VKD_ENABLE": "1", "VKD_WEIGHT": "0.1"}

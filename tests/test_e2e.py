@@ -24,15 +24,16 @@ import sys
 from pathlib import Path
 
 import pytest
-import tiny_assets
 import yaml
 
 from vkd_shim.bootstrap import BOOTSTRAP_DIR
+from vkd_shim.testing import launch as kit
 
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[1]
 VKD_RUN = Path(sys.executable).with_name("vkd-run")
+VKD_SHIM = Path(sys.executable).with_name("vkd-shim")
 SHIPPED_CONFIGS = (REPO / "configs" / "visual_kd_base.yaml", REPO / "configs" / "stage3_visual_kd.yaml")
 TRAIN_TIMEOUT_S = 600
 FAIL_FAST_TIMEOUT_S = 240
@@ -130,8 +131,8 @@ print(json.dumps({
 
 
 def swift_env(cache: Path, *pythonpath: str | os.PathLike[str], **extra: str | os.PathLike[str]) -> dict:
-    """tiny_assets' offline single-process env, minus anything of ours the test process may carry."""
-    env = tiny_assets.gkd_env(cache_dir=cache)
+    """the kit's offline single-process env, minus anything of ours the test process may carry."""
+    env = kit.gkd_env(cache_dir=cache)
     for name in [k for k in env if k.startswith("VKD_")] + ["PYTHONPATH", PROBE_FILE_ENV]:
         env.pop(name, None)
     if pythonpath:
@@ -141,9 +142,7 @@ def swift_env(cache: Path, *pythonpath: str | os.PathLike[str], **extra: str | o
 
 
 def launch(argv: list, env: dict, timeout: int = TRAIN_TIMEOUT_S) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(a) for a in argv], env=env, capture_output=True, text=True, timeout=timeout, check=False
-    )
+    return subprocess.run([str(a) for a in argv], env=env, capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def report(proc: subprocess.CompletedProcess) -> str:
@@ -225,9 +224,7 @@ def probe_dir(tmp_path_factory) -> Path:
 # --- 1. the default path ---------------------------------------------------------------------------
 
 
-def test_default_gkd_run_logs_the_weighted_term_on_visual_steps_only(
-    gkd_assets, swift_cache, probe_dir, tmp_path
-):
+def test_default_gkd_run_logs_the_weighted_term_on_visual_steps_only(gkd_assets, swift_cache, probe_dir, tmp_path):
     """Default lmbda (on-policy generation on some steps), image + video + text-only rows, the shipped
     base + Stage-3 overlay (weight 0.1, merger 1.0, deepstack 0.5, warmup 2), launched through vkd-run.
 
@@ -243,15 +240,15 @@ def test_default_gkd_run_logs_the_weighted_term_on_visual_steps_only(
         os.pathsep.join(map(str, SHIPPED_CONFIGS)),
         "--log-file",
         events_file,
-        *tiny_assets.gkd_command(gkd_assets, out),
+        *kit.gkd_command(gkd_assets, out),
     ]
     proc = launch(argv, swift_env(swift_cache, probe_dir, **{PROBE_FILE_ENV: probe_file}))
     trained(proc)
-    rows, events, calls = tiny_assets.read_logging_jsonl(out), read_jsonl(events_file), read_jsonl(probe_file)
+    rows, events, calls = kit.read_logging_jsonl(out), read_jsonl(events_file), read_jsonl(probe_file)
 
     # Ground truth from the probe: one compute_loss per optimizer step (gradient accumulation 1).
     train_calls = {c["step"] + 1: c for c in calls if c["mode"] == "train"}
-    assert sorted(train_calls) == list(range(1, tiny_assets.DEFAULT_MAX_STEPS + 1)), calls
+    assert sorted(train_calls) == list(range(1, kit.DEFAULT_MAX_STEPS + 1)), calls
     assert {c["source"] for c in train_calls.values()} == {"student", "dataset"}, "lmbda 0.5 mixes both"
     visual = {step for step, c in train_calls.items() if c["image"] or c["video"]}
     assert 1 in visual and visual != set(train_calls), f"need a visual step 1 and a text-only step: {calls}"
@@ -297,9 +294,7 @@ def test_default_gkd_run_logs_the_weighted_term_on_visual_steps_only(
     (attach,) = named(events, "vkd.attach")
     assert attach["targets"] == TARGETS and attach["shared_modules"] is False
     assert not [e for e in events if e["level"] in ("warning", "error")], events
-    assert config_event["config"]["weight"] == 0.1 and config_event["files"] == [
-        str(p) for p in SHIPPED_CONFIGS
-    ]
+    assert config_event["config"]["weight"] == 0.1 and config_event["files"] == [str(p) for p in SHIPPED_CONFIGS]
 
     saved = json.loads((run_dir(out) / "vision_kd_config.json").read_text(encoding="utf-8"))
     assert saved == {k: config_event[k] for k in ("config", "sources", "files", "notes", "digest")}
@@ -332,9 +327,7 @@ def test_byte_copied_student_starts_at_zero_with_the_inline_yaml_block(gkd_asset
     shutil.copytree(gkd_assets["teacher"], student)
     assets = {**gkd_assets, "student": str(student)}
     out, events_file = tmp_path / "out", tmp_path / "events.jsonl"
-    argv = tiny_assets.gkd_command(
-        assets, out, "--max_steps", "3", "--eval_strategy", "no", "--save_strategy", "no"
-    )
+    argv = kit.gkd_command(assets, out, "--max_steps", "3", "--eval_strategy", "no", "--save_strategy", "no")
     document = dict(zip(argv[2::2], argv[3::2], strict=True))
     document = {flag.removeprefix("--"): value for flag, value in document.items()}
     block = {"weight": 1.0, "warmup_steps": 0, "distance": "mse"}
@@ -345,7 +338,7 @@ def test_byte_copied_student_starts_at_zero_with_the_inline_yaml_block(gkd_asset
     env = swift_env(swift_cache, BOOTSTRAP_DIR, VKD_ENABLE="1", VKD_LOG_FILE=events_file)
     proc = launch([argv[0], "rlhf", config_yaml], env)
     trained(proc)
-    train, events = train_rows(tiny_assets.read_logging_jsonl(out)), read_jsonl(events_file)
+    train, events = train_rows(kit.read_logging_jsonl(out)), read_jsonl(events_file)
 
     assert "vision_kd_loss" in train[1], f"step 1 must carry pixels for this check: {train[1]}"
     assert_finite_metrics(train[1])
@@ -358,6 +351,11 @@ def test_byte_copied_student_starts_at_zero_with_the_inline_yaml_block(gkd_asset
     assert config_event["config"]["weight"] == 1.0
     (attach,) = named(events, "vkd.attach")
     assert attach["shared_modules"] is False
+
+    # The doctor, given the same YAML launch, shows the inline block where the run took it from.
+    verdict = launch([VKD_SHIM, "doctor", "--", argv[0], "rlhf", config_yaml], env, FAIL_FAST_TIMEOUT_S)
+    assert verdict.returncode == 0, verdict.stdout + verdict.stderr
+    assert f"weight: 1.0  <- inline:{config_yaml}" in verdict.stdout
 
 
 def test_lora_self_distillation_shares_modules_and_still_distills(gkd_assets, swift_cache, tmp_path):
@@ -379,12 +377,12 @@ def test_lora_self_distillation_shares_modules_and_still_distills(gkd_assets, sw
         config,
         "--log-file",
         events_file,
-        *tiny_assets.gkd_command(assets, out, *extra, "--sft_alpha", "1", "--learning_rate", "1e-2"),
+        *kit.gkd_command(assets, out, *extra, "--sft_alpha", "1", "--learning_rate", "1e-2"),
     ]
     proc = launch(argv, swift_env(swift_cache))
     trained(proc)
     assert "using disable_adapter() for fixed teacher" in proc.stdout + proc.stderr, report(proc)
-    train, events = train_rows(tiny_assets.read_logging_jsonl(out)), read_jsonl(events_file)
+    train, events = train_rows(kit.read_logging_jsonl(out)), read_jsonl(events_file)
 
     (attach,) = named(events, "vkd.attach")
     assert attach["shared_modules"] is True and attach["targets"] == TARGETS
@@ -400,14 +398,14 @@ def test_lora_self_distillation_shares_modules_and_still_distills(gkd_assets, sw
 # --- 3 and 7. bf16, frozen aligner -------------------------------------------------------------------
 
 
-def test_bf16_with_frozen_aligner_warns_and_logs_finite_metrics(gkd_assets, swift_cache, tmp_path):
-    """bf16 on CPU keeps every metric finite (distances are computed in fp32), and `--freeze_aligner
-    true` (ms-swift's default) gets a warning event with the fix, because the term cannot move a frozen
-    aligner: without it, a user would watch vision_kd_loss and wonder why it never falls.
+def test_bf16_with_a_frozen_aligner_and_a_trainable_vit_logs_finite_metrics(gkd_assets, swift_cache, tmp_path):
+    """bf16 on CPU keeps every metric finite (distances are computed in fp32). `--freeze_aligner true`
+    with `--freeze_vit false` is legal: the captured outputs still depend on trainable ViT weights (the
+    refusal cases cover aligner and ViT both frozen, ms-swift's defaults).
     """
     config = write_config(tmp_path / "vkd.yaml", weight=0.1, warmup_steps=0)
     out, events_file = tmp_path / "out", tmp_path / "events.jsonl"
-    extra = ("--torch_dtype", "bfloat16", "--use_cpu", "true", "--freeze_aligner", "true")
+    extra = ("--torch_dtype", "bfloat16", "--use_cpu", "true", "--freeze_aligner", "true", "--freeze_vit", "false")
     # No eval here: bf16 generation on CPU makes an eval pass cost more than the whole training.
     extra += ("--max_steps", "3", "--save_strategy", "no", "--eval_strategy", "no")
     argv = [
@@ -416,14 +414,13 @@ def test_bf16_with_frozen_aligner_warns_and_logs_finite_metrics(gkd_assets, swif
         config,
         "--log-file",
         events_file,
-        *tiny_assets.gkd_command(gkd_assets, out, *extra),
+        *kit.gkd_command(gkd_assets, out, *extra),
     ]
     proc = launch(argv, swift_env(swift_cache))
     trained(proc)
-    rows, events = tiny_assets.read_logging_jsonl(out), read_jsonl(events_file)
+    rows, events = kit.read_logging_jsonl(out), read_jsonl(events_file)
 
-    (frozen,) = named(events, "vkd.aligner_frozen")
-    assert frozen["level"] == "warning" and "--freeze_aligner false" in frozen["fix"]
+    assert not named(events, "vkd.refuse")
     train = train_rows(rows)
     visual = [s for s, r in train.items() if "vision_kd_loss" in r]
     assert visual, train
@@ -436,9 +433,7 @@ def test_bf16_with_frozen_aligner_warns_and_logs_finite_metrics(gkd_assets, swif
 # --- 4. save and resume ------------------------------------------------------------------------------
 
 
-def test_resume_follows_the_restored_step_and_plain_swift_loads_the_checkpoint(
-    gkd_assets, swift_cache, tmp_path
-):
+def test_resume_follows_the_restored_step_and_plain_swift_loads_the_checkpoint(gkd_assets, swift_cache, tmp_path):
     """Warmup is a function of the optimizer step, so a resumed run must ramp on from the restored
     step (the ratio logged term / Σ distances equals weight × step/warmup_steps), not restart at 0 and
     silently under-weight the term after every preemption. The checkpoint written under vision KD must
@@ -451,9 +446,7 @@ def test_resume_follows_the_restored_step_and_plain_swift_loads_the_checkpoint(
     first = launch(
         [
             *head,
-            *tiny_assets.gkd_command(
-                gkd_assets, out, "--max_steps", "4", "--save_steps", "4", "--eval_strategy", "no"
-            ),
+            *kit.gkd_command(gkd_assets, out, "--max_steps", "4", "--save_steps", "4", "--eval_strategy", "no"),
         ],
         swift_env(swift_cache),
     )
@@ -464,7 +457,7 @@ def test_resume_follows_the_restored_step_and_plain_swift_loads_the_checkpoint(
     second = launch(
         [
             *head,
-            *tiny_assets.gkd_command(
+            *kit.gkd_command(
                 gkd_assets,
                 out,
                 "--max_steps",
@@ -487,22 +480,18 @@ def test_resume_follows_the_restored_step_and_plain_swift_loads_the_checkpoint(
         }
 
     before = ratios(json.loads(line) for line in (run_dir(out, 0) / "logging.jsonl").read_text().splitlines())
-    after = ratios(tiny_assets.read_logging_jsonl(out))
-    assert sorted(train_rows(tiny_assets.read_logging_jsonl(out))) == [5, 6]
+    after = ratios(kit.read_logging_jsonl(out))
+    assert sorted(train_rows(kit.read_logging_jsonl(out))) == [5, 6]
     assert before and after, (before, after)
     for step, ratio in {**before, **after}.items():
         assert ratio == pytest.approx((step - 1) / 8, rel=2e-3, abs=1e-9), (step, before, after)
 
-    loader = launch(
-        [sys.executable, "-c", LOAD_CHECKPOINT, gkd_assets["student"], checkpoint], swift_env(swift_cache)
-    )
+    loader = launch([sys.executable, "-c", LOAD_CHECKPOINT, gkd_assets["student"], checkpoint], swift_env(swift_cache))
     assert loader.returncode == 0, report(loader)
     loaded = json.loads(loader.stdout.strip().splitlines()[-1])
     assert loaded["vkd_shim_imported"] is False and loaded["model"] == "PeftModelForCausalLM"
     assert loaded["saved"] > 0 and len(loaded["restored_exactly"]) == loaded["saved"], loaded
-    aligner_b = [
-        k for k in loaded["nonzero_lora_b"] if ".visual.merger." in k or ".deepstack_merger_list." in k
-    ]
+    aligner_b = [k for k in loaded["nonzero_lora_b"] if ".visual.merger." in k or ".deepstack_merger_list." in k]
     assert {k.split(".visual.")[1].split(".linear")[0] for k in aligner_b} == {
         "merger",
         "deepstack_merger_list.0",
@@ -524,9 +513,9 @@ def test_switched_off_paths_train_bit_for_bit_like_plain_swift(gkd_assets, swift
     gate_off_events, weight_0_events = tmp_path / "gate_off.jsonl", tmp_path / "weight_0.jsonl"
     config = write_config(tmp_path / "vkd.yaml", weight=0)
     launches = [
-        (tiny_assets.gkd_command(gkd_assets, outs[0], *extra), swift_env(swift_cache)),
+        (kit.gkd_command(gkd_assets, outs[0], *extra), swift_env(swift_cache)),
         (
-            tiny_assets.gkd_command(gkd_assets, outs[1], *extra),
+            kit.gkd_command(gkd_assets, outs[1], *extra),
             swift_env(swift_cache, BOOTSTRAP_DIR, VKD_LOG_FILE=gate_off_events),
         ),
         (
@@ -536,7 +525,7 @@ def test_switched_off_paths_train_bit_for_bit_like_plain_swift(gkd_assets, swift
                 config,
                 "--log-file",
                 weight_0_events,
-                *tiny_assets.gkd_command(gkd_assets, outs[2], *extra),
+                *kit.gkd_command(gkd_assets, outs[2], *extra),
             ],
             swift_env(swift_cache),
         ),
@@ -547,7 +536,7 @@ def test_switched_off_paths_train_bit_for_bit_like_plain_swift(gkd_assets, swift
     def trajectory(out: Path) -> list[tuple]:
         return [
             (s, r["loss"], r["grad_norm"], r["learning_rate"])
-            for s, r in train_rows(tiny_assets.read_logging_jsonl(out)).items()
+            for s, r in train_rows(kit.read_logging_jsonl(out)).items()
         ]
 
     plain = trajectory(outs[0])
@@ -558,7 +547,7 @@ def test_switched_off_paths_train_bit_for_bit_like_plain_swift(gkd_assets, swift
     assert adapters[1] == adapters[0] and adapters[2] == adapters[0]
 
     for out in outs:
-        assert not any(k.startswith("vision_kd") for row in tiny_assets.read_logging_jsonl(out) for k in row)
+        assert not any(k.startswith("vision_kd") for row in kit.read_logging_jsonl(out) for k in row)
     assert not gate_off_events.exists(), "with VKD_ENABLE unset the shim must not even start"
     events = read_jsonl(weight_0_events)
     (note,) = named(events, "vkd.config.note")
@@ -569,59 +558,115 @@ def test_switched_off_paths_train_bit_for_bit_like_plain_swift(gkd_assets, swift
 # --- 6. refusals before any model loads ----------------------------------------------------------------
 
 
+def model_variant(gkd_assets: dict, path: Path, vision: dict | None, **top) -> str:
+    """A model directory holding only a config.json derived from the teacher's: enough for every check
+    that must happen before loading (a run that got past them would fail at the load, loudly)."""
+    document = json.loads((Path(gkd_assets["teacher"]) / "config.json").read_text(encoding="utf-8"))
+    if vision is None:
+        document.pop("vision_config")
+    else:
+        document["vision_config"].update(vision)
+    document.update(top)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(document), encoding="utf-8")
+    return str(path)
+
+
 REFUSALS = {
-    # case: (config block, flags to drop, flags to add, what the error must name)
-    "typo_in_config": ({"wieght": 0.1}, (), (), ("custom.visual_kd.wieght", "{config}", "weight")),
+    # case: (config block, flags to drop, flags to add, extra env, what the error must name)
+    "typo_in_config": ({"wieght": 0.1}, (), (), {}, ("custom.visual_kd.wieght", "{config}", "weight")),
+    "weight_overflows_fp32": ({"weight": 1.0e38}, (), (), {}, ("custom.visual_kd.weight", "from 0 to 10000")),
     "remote_teacher": (
         {},
         ("--teacher_model", "--teacher_model_type"),
         ("--teacher_model_server", "http://127.0.0.1:9", "--gkd_logits_topk", "5"),
+        {},
         ("teacher_model_server", "--teacher_model"),
     ),
-    "dpo": ({}, (), ("--rlhf_type", "dpo"), ("'dpo'", "--rlhf_type gkd")),
+    "dpo": ({}, (), ("--rlhf_type", "dpo"), {}, ("'dpo'", "--rlhf_type gkd")),
     "no_teacher": (
         {},
         ("--teacher_model", "--teacher_model_type"),
         (),
+        {},
         ("no --teacher_model", "pass --teacher_model"),
     ),
+    "aligner_and_vit_frozen": ({}, (), ("--freeze_aligner", "true"), {}, ("both frozen", "--freeze_aligner false")),
+    "deepstack_layer_out_of_range": ({"deepstack_layers": [5]}, (), (), {}, ("[5]", "0..1")),
+    "teacher_with_more_deepstack_mergers": (
+        {},
+        ("--teacher_model",),
+        ("--teacher_model", "{deep_teacher}"),
+        {},
+        ("2 and 3 deepstack mergers", "deepstack_layers"),
+    ),
+    "teacher_without_a_vision_tower": (
+        {},
+        ("--teacher_model",),
+        ("--teacher_model", "{text_teacher}"),
+        {},
+        ("no vision tower", "Qwen3-VL"),
+    ),
+    "switch_neither_on_nor_off": ({}, (), (), {"VKD_ENABLE": "2"}, ("VKD_ENABLE = '2'", "allowed values")),
 }
 
 
+@pytest.fixture(scope="module")
+def variants(gkd_assets, tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("variants")
+    return {
+        "deep_teacher": model_variant(gkd_assets, root / "deep", {"deepstack_visual_indexes": [0, 1, 2]}),
+        "text_teacher": model_variant(gkd_assets, root / "text", None),
+    }
+
+
+def refusal_launch(case: str, gkd_assets: dict, variants: dict, tmp_path: Path) -> tuple[list, dict, tuple]:
+    block, drop, add, env_extra, names = REFUSALS[case]
+    config = write_config(tmp_path / "vkd.yaml", **{"weight": 0.1, **block})
+    add = tuple(item.format(**variants) for item in add)
+    argv = without(kit.gkd_command(gkd_assets, tmp_path / "out"), *drop) + list(add)
+    env = {"VKD_CONFIG": str(config), **env_extra}
+    return argv, env, tuple(name.format(config=config) for name in names)
+
+
 @pytest.mark.parametrize("case", sorted(REFUSALS))
-def test_refusal_stops_before_any_model_loads(case, gkd_assets, swift_cache, probe_dir, tmp_path):
+def test_refusal_stops_before_any_model_loads_and_the_doctor_says_so_first(
+    case, gkd_assets, variants, swift_cache, probe_dir, tmp_path
+):
     """A mistake must cost seconds, not a model load: the run exits non-zero with the shim's one-line
     reason and fix (in the events and at the end of stderr), and the probe, a user sitecustomize chained
-    after the bootstrap, never sees ms-swift's model loader start.
+    after the bootstrap, never sees ms-swift's model loader start. `vkd-shim doctor -- <the same launch>`
+    gives the same verdict, with the same reason, before anything runs.
     """
-    block, drop, add, names = REFUSALS[case]
-    config = write_config(tmp_path / "vkd.yaml", **{"weight": 0.1, **block})
+    argv, env_extra, names = refusal_launch(case, gkd_assets, variants, tmp_path)
     events_file = tmp_path / "events.jsonl"
-    argv = without(tiny_assets.gkd_command(gkd_assets, tmp_path / "out", *add), *drop)
-    proc = launch(
-        [VKD_RUN, "--config", config, "--log-file", events_file, *argv],
-        swift_env(swift_cache, probe_dir, **{PROBE_FILE_ENV: tmp_path / "probe.jsonl"}),
-        timeout=FAIL_FAST_TIMEOUT_S,
-    )
+    env = swift_env(swift_cache, probe_dir, **{PROBE_FILE_ENV: tmp_path / "probe.jsonl", **env_extra})
+    env.setdefault("VKD_ENABLE", "1")
+    env["PYTHONPATH"] = os.pathsep.join([BOOTSTRAP_DIR, env["PYTHONPATH"]])
+    env["VKD_LOG_FILE"] = str(events_file)
+    proc = launch(argv, env, timeout=FAIL_FAST_TIMEOUT_S)
     assert proc.returncode != 0, report(proc)
     assert LOADER_MARKER not in proc.stderr, report(proc)
-
-    (refuse,) = named(read_jsonl(events_file), "vkd.refuse")
-    message = f"vision KD refused: {refuse['reason']}. Fix: {refuse['fix']}."
-    assert "\n" not in message
-    for name in names:
-        assert name.format(config=config) in message, message
     last_line = proc.stderr.strip().splitlines()[-1]
-    assert last_line == f"vkd_shim.patches.RefusedError: {message}", report(proc)
+    for name in names:
+        assert name in last_line, report(proc)
+    if case != "switch_neither_on_nor_off":
+        (refuse,) = named(read_jsonl(events_file), "vkd.refuse")
+        message = f"vision KD refused: {refuse['reason']}. Fix: {refuse['fix']}."
+        assert "\n" not in message
+        assert last_line == f"vkd_shim.errors.RefusedError: {message}", report(proc)
     if case == "typo_in_config":
         (invalid,) = named(read_jsonl(events_file), "vkd.config.invalid")
-        assert (invalid["field"], invalid["source"]) == ("custom.visual_kd.wieght", str(config))
+        assert (invalid["field"], invalid["source"]) == ("custom.visual_kd.wieght", env_extra["VKD_CONFIG"])
         assert "weight" in invalid["allowed"].split(", ")
 
+    verdict = launch([VKD_SHIM, "doctor", "--", *argv], env, timeout=FAIL_FAST_TIMEOUT_S)
+    assert verdict.returncode == 1, verdict.stdout + verdict.stderr
+    problems = [line for line in verdict.stdout.splitlines() if "PROBLEM:" in line]
+    assert any(all(name in line for name in names) for line in problems), verdict.stdout
 
-def test_valid_setup_passes_the_preflight_and_reaches_the_loader(
-    gkd_assets, swift_cache, probe_dir, tmp_path
-):
+
+def test_valid_setup_passes_the_preflight_and_reaches_the_loader(gkd_assets, swift_cache, probe_dir, tmp_path):
     """Positive control for the refusal tests: with a valid config the preflight lets the run through
     and the probe does see the loader start (here a teacher dir holding only config.json makes the load
     itself fail fast), so the marker's absence above really means "stopped before loading".
@@ -631,7 +676,7 @@ def test_valid_setup_passes_the_preflight_and_reaches_the_loader(
     shutil.copy(Path(gkd_assets["teacher"]) / "config.json", teacher)
     config = write_config(tmp_path / "vkd.yaml", weight=0.1)
     events_file = tmp_path / "events.jsonl"
-    argv = tiny_assets.gkd_command({**gkd_assets, "teacher": str(teacher)}, tmp_path / "out")
+    argv = kit.gkd_command({**gkd_assets, "teacher": str(teacher)}, tmp_path / "out")
     proc = launch(
         [VKD_RUN, "--config", config, "--log-file", events_file, *argv],
         swift_env(swift_cache, probe_dir, **{PROBE_FILE_ENV: tmp_path / "probe.jsonl"}),
@@ -641,3 +686,54 @@ def test_valid_setup_passes_the_preflight_and_reaches_the_loader(
     assert LOADER_MARKER in proc.stderr, report(proc)
     events = read_jsonl(events_file)
     assert named(events, "vkd.config") and not named(events, "vkd.refuse"), events
+
+    verdict = launch(
+        [VKD_RUN, "--config", config, VKD_SHIM, "doctor", "--", *argv], swift_env(swift_cache), FAIL_FAST_TIMEOUT_S
+    )
+    assert verdict.returncode == 0, verdict.stdout + verdict.stderr
+    assert f"weight: 0.1  <- {config}" in verdict.stdout and "freeze_aligner: False" in verdict.stdout
+
+
+# --- 8. a teacher of another width ---------------------------------------------------------------------
+
+
+def test_a_wider_teacher_distils_through_relation_and_mse_is_refused_before_loading(
+    gkd_assets, swift_cache, probe_dir, tmp_path
+):
+    """GKD's usual pair: a teacher whose language model, and so whose aligner output, is wider (96) than
+    the student's (64), with the same ViT and token geometry. `relation` on merger, deepstack and vit
+    trains with finite metrics in train and eval, no parameter added; `mse` on the same pair is refused
+    before any model loads, with a fix that names `relation`."""
+    from vkd_shim.testing import models
+
+    wide = models.save_qwen3_vl(
+        tmp_path / "wide_teacher",
+        seed=0,
+        text_config={"hidden_size": 96, "intermediate_size": 192},
+        vision_config={"out_hidden_size": 96},
+    )
+    assets = {**gkd_assets, "teacher": str(wide)}
+    events_file = tmp_path / "events.jsonl"
+
+    mse = write_config(tmp_path / "mse.yaml", weight=0.1, distance="mse")
+    env = swift_env(swift_cache, probe_dir, **{PROBE_FILE_ENV: tmp_path / "probe.jsonl"})
+    proc = launch([VKD_RUN, "--config", mse, *kit.gkd_command(assets, tmp_path / "out_mse")], env, FAIL_FAST_TIMEOUT_S)
+    assert proc.returncode != 0 and LOADER_MARKER not in proc.stderr, report(proc)
+    assert "64 vs 96" in proc.stderr and "distance: relation" in proc.stderr.strip().splitlines()[-1], report(proc)
+
+    targets = {"merger": 1.0, "deepstack": 0.5, "vit": 1.0}
+    relation = write_config(tmp_path / "relation.yaml", weight=1.0, distance="relation", targets=targets)
+    out = tmp_path / "out"
+    argv = kit.gkd_command(assets, out, "--max_steps", "3", "--eval_steps", "3", "--save_strategy", "no")
+    trained(launch([VKD_RUN, "--config", relation, "--log-file", events_file, *argv], swift_env(swift_cache)))
+    rows = kit.read_logging_jsonl(out)
+    names = ["vision_kd_loss", "vision_kd/merger", "vision_kd/deepstack_0", "vision_kd/deepstack_1", "vision_kd/vit"]
+    visual = [r for r in train_rows(rows).values() if "vision_kd_loss" in r]
+    assert visual, rows
+    for row in visual:
+        assert all(math.isfinite(row[k]) for k in names), row
+        assert row["vision_kd/merger"] > 0  # different seeds and widths: the similarity structures differ
+    (evaluated,) = eval_rows(rows).values()
+    assert all(math.isfinite(evaluated[f"eval_{k}"]) for k in names), evaluated
+    (attach,) = named(read_jsonl(events_file), "vkd.attach")
+    assert attach["targets"] == ["merger", "vit", "deepstack_0", "deepstack_1"] and attach["distance"] == "relation"

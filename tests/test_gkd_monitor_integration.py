@@ -6,15 +6,18 @@ step. The end-to-end launcher path is covered by ``test_e2e.py``.
 """
 
 import math
+from pathlib import Path
 
 import pytest
-import tiny_assets
 import torch
 from swift.pipelines import rlhf_main
 from swift.rlhf_trainers import gkd_trainer
 
 import vkd_shim
-from vkd_shim import patches, telemetry
+from vkd_shim import patches, runtime, telemetry
+from vkd_shim.capture import Target
+from vkd_shim.errors import NonFiniteError, NoVisualTokensError, RefusedError
+from vkd_shim.testing import launch as kit
 
 pytestmark = pytest.mark.e2e
 
@@ -27,14 +30,14 @@ def assets(gkd_assets):
 @pytest.fixture
 def shim(tmp_path, monkeypatch):
     """Activate the shim in this process with a config file; undo everything afterwards."""
-    for name, value in tiny_assets.gkd_env({}).items():
+    for name, value in kit.gkd_env({}).items():
         if name != "PATH":
             monkeypatch.setenv(name, value)
     for name in ("VKD_CONFIG", "VKD_WEIGHT", "VKD_TARGETS", "VKD_DISTANCE", "VKD_INLINE_CONFIG"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("VKD_LOG_FILE", str(tmp_path / "events.jsonl"))
     telemetry.reset_logger()
-    monkeypatch.setattr(patches, "_resolved", None)
+    patches.reset()
 
     def configure(**block) -> None:
         lines = ["custom:", "  visual_kd:"] + [f"    {k}: {v}" for k, v in block.items()]
@@ -56,9 +59,7 @@ def recorder(monkeypatch):
 
     def unpatched(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         out = real(self, model, inputs, return_outputs, num_items_in_batch)
-        calls.append(
-            {"base": (out[0] if return_outputs else out).detach().clone(), "training": model.training}
-        )
+        calls.append({"base": (out[0] if return_outputs else out).detach().clone(), "training": model.training})
         return out
 
     monkeypatch.setattr(gkd_trainer.GKDTrainer, "compute_loss", unpatched)
@@ -76,16 +77,16 @@ def train(assets, output_dir, *extra: str) -> dict:
 
     gkd_trainer.GKDTrainer.train = keep
     try:
-        rlhf_main(tiny_assets.gkd_command(assets, output_dir, *extra)[2:])
+        rlhf_main(kit.gkd_command(assets, output_dir, *extra)[2:])
     finally:
         gkd_trainer.GKDTrainer.train = real_train
-    return {"trainer": seen["trainer"], "rows": tiny_assets.read_logging_jsonl(output_dir)}
+    return {"trainer": seen["trainer"], "rows": kit.read_logging_jsonl(output_dir)}
 
 
 def test_trainer_logs_vision_kd_and_adds_the_weighted_term(assets, shim, recorder, mocker, tmp_path):
     shim(weight=0.5, distance="mse", targets="{merger: 1.0, deepstack: 0.5}")
-    terms = mocker.spy(patches.TrainerKD, "_term")
-    outer = mocker.spy(patches.TrainerKD, "compute_loss")
+    terms = mocker.spy(runtime.TrainerKD, "_term")
+    outer = mocker.spy(runtime.TrainerKD, "compute_loss")
     run = train(assets, tmp_path / "out", "--max_steps", "3", "--eval_steps", "3", "--save_strategy", "no")
 
     train_rows = [r for r in run["rows"] if "loss" in r and "vision_kd_loss" in r]
@@ -94,9 +95,7 @@ def test_trainer_logs_vision_kd_and_adds_the_weighted_term(assets, shim, recorde
     for row in train_rows:
         assert math.isfinite(row["vision_kd_loss"]) and row["vision_kd_loss"] > 0
         # The logged loss is the weighted sum of the logged per-target distances.
-        weighted = 0.5 * (
-            row["vision_kd/merger"] + 0.5 * (row["vision_kd/deepstack_0"] + row["vision_kd/deepstack_1"])
-        )
+        weighted = 0.5 * (row["vision_kd/merger"] + 0.5 * (row["vision_kd/deepstack_0"] + row["vision_kd/deepstack_1"]))
         assert row["vision_kd_loss"] == pytest.approx(weighted, rel=1e-3)
     assert all(math.isfinite(r["eval_vision_kd_loss"]) for r in eval_rows)
 
@@ -105,9 +104,7 @@ def test_trainer_logs_vision_kd_and_adds_the_weighted_term(assets, shim, recorde
     terms_left = list(terms.spy_return_list)
     visual_calls = 0
     for call, got, base in zip(outer.call_args_list, outer.spy_return_list, recorder, strict=True):
-        inputs = call.args[2][
-            1
-        ]  # TrainerKD.compute_loss(self, wrapped, args, kwargs): args = (model, inputs)
+        inputs = call.args[2][1]  # TrainerKD.compute_loss(self, wrapped, args, kwargs): args = (model, inputs)
         got = (got[0] if isinstance(got, tuple) else got).detach()
         if (
             inputs["model_inputs"].get("pixel_values") is None
@@ -118,7 +115,9 @@ def test_trainer_logs_vision_kd_and_adds_the_weighted_term(assets, shim, recorde
         visual_calls += 1
         term = terms_left.pop(0)
         assert term is not None and term.requires_grad == base["training"]
-        assert torch.equal(got, base["base"] + term.detach())
+        # Train adds the term; eval_loss stays ms-swift's own (the term is reported beside it).
+        expected = base["base"] + term.detach() if base["training"] else base["base"]
+        assert torch.equal(got, expected)
     assert visual_calls > 0 and not terms_left
 
 
@@ -133,7 +132,7 @@ def test_aligner_moves_differently_with_the_term(assets, shim, tmp_path):
     shim(weight=0)
     without = aligner_state(train(assets, tmp_path / "w0", *one_step)["trainer"])
     vkd_shim.deactivate()
-    patches._resolved = None
+    patches.reset()
     shim(weight=10)
     run = train(assets, tmp_path / "w10", *one_step)
     with_term = aligner_state(run["trainer"])
@@ -151,10 +150,8 @@ def test_deepspeed_forward_path_dummy_image_adds_nothing(assets, shim, mocker, t
     dummy_runs = mocker.spy(qwen, "_forward_qwen3_vl_or_qwen3_omni")
     mocker.patch.object(qwen, "is_deepspeed_enabled", return_value=True)
     shim(weight=1.0)
-    terms = mocker.spy(patches.TrainerKD, "_term")
-    rows = train(
-        assets, tmp_path / "ds", "--max_steps", "2", "--eval_strategy", "no", "--save_strategy", "no"
-    )["rows"]
+    terms = mocker.spy(runtime.TrainerKD, "_term")
+    rows = train(assets, tmp_path / "ds", "--max_steps", "2", "--eval_strategy", "no", "--save_strategy", "no")["rows"]
     text_only = [c for c in dummy_runs.call_args_list if c.args[4] is None and c.args[5] is None]
     assert text_only, "the dummy-image branch never ran"
     # Step 1 is an image batch, step 2 text-only (seed 42): one term, and no metric on step 2.
@@ -162,14 +159,14 @@ def test_deepspeed_forward_path_dummy_image_adds_nothing(assets, shim, mocker, t
     assert "vision_kd_loss" in rows[0] and "vision_kd_loss" not in rows[1]
 
 
-def nan_teacher(take):
-    """Failure injection: the teacher's merger features carry NaN in their first row."""
+def nan_in(role: str, take):
+    """Failure injection: one side's merger features carry NaN in their first row."""
 
     def inject(self):
         features = take(self)
-        merger = features["teacher"]["merger"].clone()
+        merger = features[role][Target("merger")].clone()
         merger[0] = float("nan")
-        features["teacher"]["merger"] = merger
+        features[role][Target("merger")] = merger
         return features
 
     return inject
@@ -182,42 +179,83 @@ def read_events(tmp_path) -> list[dict]:
     return [json.loads(x) for x in (tmp_path / "events.jsonl").read_text().splitlines()]
 
 
+ONE_STEP = ("--max_steps", "1", "--eval_strategy", "no", "--save_strategy", "no")
+
+
 def test_nonfinite_skip_masks_warns_and_trains_on(assets, shim, mocker, tmp_path):
     from vkd_shim.capture import FeatureCapture
 
-    mocker.patch.object(FeatureCapture, "take", nan_teacher(FeatureCapture.take))
-    shim(weight=1.0, nonfinite="skip")
-    rows = train(
-        assets, tmp_path / "skip", "--max_steps", "1", "--eval_strategy", "no", "--save_strategy", "no"
-    )
-    row = rows["rows"][0]
-    assert (
-        math.isfinite(row["loss"])
-        and math.isfinite(row["vision_kd_loss"])
-        and math.isfinite(row["grad_norm"])
-    )
+    mocker.patch.object(FeatureCapture, "take", nan_in("teacher", FeatureCapture.take))
+    shim(weight=1.0, nonfinite="skip", teacher_nonfinite="skip")
+    row = train(assets, tmp_path / "skip", *ONE_STEP)["rows"][0]
+    assert math.isfinite(row["loss"]) and math.isfinite(row["vision_kd_loss"]) and math.isfinite(row["grad_norm"])
     assert row["vision_kd/skipped"] == 1
     warned = [e for e in read_events(tmp_path) if e["event"] == "vkd.nonfinite"]
-    assert [(e["target"], e["count"], e["mode"], e["policy"]) for e in warned] == [
-        ("merger", 1, "train", "skip")
+    assert [(e["target"], e["side"], e["count"], e["mode"], e["policy"]) for e in warned] == [
+        ("merger", "teacher", 1, "train", "skip")
     ]
 
 
-def test_nonfinite_raise_stops_the_run_and_frozen_aligner_warns(assets, shim, mocker, tmp_path):
+def test_a_nonfinite_teacher_stops_the_run_with_that_diagnosis_by_default(assets, shim, mocker, tmp_path):
     from vkd_shim.capture import FeatureCapture
 
-    mocker.patch.object(FeatureCapture, "take", nan_teacher(FeatureCapture.take))
+    mocker.patch.object(FeatureCapture, "take", nan_in("teacher", FeatureCapture.take))
+    shim(weight=1.0, nonfinite="skip")  # the student-side policy does not cover a broken teacher
+    with pytest.raises(NonFiniteError, match="the teacher itself is broken"):
+        train(assets, tmp_path / "teacher", *ONE_STEP)
+
+
+def test_nonfinite_raise_stops_the_run_on_student_features(assets, shim, mocker, tmp_path):
+    from vkd_shim.capture import FeatureCapture
+
+    mocker.patch.object(FeatureCapture, "take", nan_in("student", FeatureCapture.take))
     shim(weight=1.0, nonfinite="raise")
-    with pytest.raises(patches.NonFiniteError, match="nonfinite is 'raise'"):
-        train(
-            assets,
-            tmp_path / "raise",
-            "--max_steps",
-            "1",
-            "--eval_strategy",
-            "no",
-            "--freeze_aligner",
-            "true",
-        )
+    with pytest.raises(NonFiniteError, match="nonfinite is 'raise'"):
+        train(assets, tmp_path / "raise", *ONE_STEP)
+
+
+def test_frozen_aligner_and_vit_are_refused_before_any_model_loads(assets, shim, mocker, tmp_path):
+    from swift.pipelines.train import rlhf
+
+    loads = mocker.spy(rlhf.SwiftRLHF, "_prepare_single_model")
+    shim(weight=1.0)
+    with pytest.raises(RefusedError, match="both frozen"):
+        train(assets, tmp_path / "frozen", *ONE_STEP, "--freeze_aligner", "true")
+    assert loads.call_count == 0
+
+
+def text_only_dataset(assets, path):
+    import json
+
+    rows = [json.loads(x) for x in Path(assets["train"]).read_text(encoding="utf-8").splitlines()]
+    text = [r for r in rows if not r.get("images") and not r.get("videos")]
+    path.write_text("".join(json.dumps(r) + "\n" for r in text), encoding="utf-8")
+    return {**assets, "train": str(path), "val": str(path), "rows": {"image": 0, "video": 0, "text": len(text)}}
+
+
+def test_a_run_without_any_visual_token_stops_at_the_end_with_the_summary(assets, shim, tmp_path):
+    shim(weight=1.0)
+    with pytest.raises(NoVisualTokensError, match="whole run"):
+        train(text_only_dataset(assets, tmp_path / "text.jsonl"), tmp_path / "text", *ONE_STEP)
     events = read_events(tmp_path)
-    assert [e["event"] for e in events if e["event"] == "vkd.aligner_frozen"] == ["vkd.aligner_frozen"]
+    (summary,) = [e for e in events if e["event"] == "vkd.summary"]
+    assert summary["steps_with_term"] == {} and summary["last_visual_step"] is None
+    (stop,) = [e for e in events if e["event"] == "vkd.no_visual"]
+    assert stop["level"] == "error" and "no_visual: warn" in stop["fix"]
+
+
+def test_no_visual_warn_lets_a_text_only_pipeline_finish(assets, shim, tmp_path):
+    shim(weight=1.0, no_visual="warn", no_visual_steps=1)
+    run = train(
+        text_only_dataset(assets, tmp_path / "text.jsonl"),
+        tmp_path / "warn",
+        "--max_steps",
+        "3",
+        "--eval_strategy",
+        "no",
+        "--save_strategy",
+        "no",
+    )
+    assert len([r for r in run["rows"] if "loss" in r]) == 3
+    levels = [e["level"] for e in read_events(tmp_path) if e["event"] == "vkd.no_visual"]
+    assert levels and set(levels) == {"warning"}  # the stretch, then the whole run

@@ -6,12 +6,14 @@ import dataclasses
 import math
 
 import pytest
-import tiny_models
 import torch
 
 from vkd_shim import loss
-from vkd_shim.capture import STUDENT, TEACHER, FeatureCapture
-from vkd_shim.loss import FeatureMismatchError, LossOutput, feature_distance, vision_kd_loss
+from vkd_shim.capture import STUDENT, TEACHER, FeatureCapture, Target
+from vkd_shim.errors import FeatureMismatchError
+from vkd_shim.loss import LossOutput, feature_distance, vision_kd_loss
+from vkd_shim.testing import inputs as kit_inputs
+from vkd_shim.testing import models
 
 NAN = float("nan")
 INF = float("inf")
@@ -56,13 +58,12 @@ def approx(value):
 )
 def test_exact_distance_in_fp32_whatever_the_input_dtype(kind, student, teacher, expected, dtype):
     # Every input value (0..4) is exact in bf16, so both dtypes must give the same fp32 number.
-    distance, masked = feature_distance(tensor(student, dtype), tensor(teacher, dtype), kind)
+    distance = feature_distance(tensor(student, dtype), tensor(teacher, dtype), kind)
 
+    assert isinstance(distance, torch.Tensor)
     assert distance.dtype == torch.float32
     assert distance.dim() == 0
     assert num(distance) == approx(expected)
-    assert masked.dtype == torch.int64
-    assert int(masked) == 0
 
 
 def test_cosine_zero_vectors_are_finite():
@@ -71,7 +72,7 @@ def test_cosine_zero_vectors_are_finite():
     student = tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 0.0]], grad=True)
     teacher = tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 0.0]])
 
-    distance, _ = feature_distance(student, teacher, "cosine")
+    distance = feature_distance(student, teacher, "cosine")
     distance.backward()
 
     assert num(distance) == approx(1.0)
@@ -89,9 +90,9 @@ def test_rows_of_several_calls_weigh_equally():
     out = vision_kd_loss(
         {"merger": torch.cat([image_s, video_s])},
         {"merger": torch.cat([image_t, video_t])},
-        target_weights={"merger": 1.0},
+        weights={"merger": 1.0},
         distance="mse",
-        weight=1.0,
+        scale=1.0,
     )
 
     assert num(out.per_target["merger"]) == approx(3.875)
@@ -105,21 +106,20 @@ def test_rows_of_several_calls_weigh_equally():
 def test_duplicating_every_image_leaves_the_term_unchanged(kind, student, teacher, expected):
     s, t = tensor(student), tensor(teacher)
 
-    distance, _ = feature_distance(torch.cat([s, s]), torch.cat([t, t]), kind)
+    distance = feature_distance(torch.cat([s, s]), torch.cat([t, t]), kind)
 
     assert num(distance) == approx(expected)
 
 
-def test_weights_and_warmup_scale_the_total_only():
+def test_weights_and_scale_scale_the_total_only():
     # merger: MSE example = 3.25; deepstack_0: s=(2,2) t=(0,0) -> (4 + 4) / 2 = 4.0
-    # total = weight 0.1 * warmup 0.5 * (1.0 * 3.25 + 0.5 * 4.0) = 0.05 * 5.25 = 0.2625
+    # total = scale (weight 0.1 x warm-up 0.5) * (1.0 * 3.25 + 0.5 * 4.0) = 0.05 * 5.25 = 0.2625
     out = vision_kd_loss(
         {"merger": tensor(MSE_S), "deepstack_0": tensor([[2.0, 2.0]])},
         {"merger": tensor(MSE_T), "deepstack_0": tensor([[0.0, 0.0]])},
-        target_weights={"merger": 1.0, "deepstack_0": 0.5, "deepstack_1": 9.0},
+        weights={"merger": 1.0, "deepstack_0": 0.5, "deepstack_1": 9.0},
         distance="mse",
-        weight=0.1,
-        warmup=0.5,
+        scale=0.1 * 0.5,
     )
 
     assert isinstance(out, LossOutput)
@@ -131,9 +131,25 @@ def test_weights_and_warmup_scale_the_total_only():
         "deepstack_0": approx(4.0),
     }
     assert out.tokens == 2  # rows of the first target (merger)
-    assert {k: int(v) for k, v in out.nonfinite.items()} == {"merger": 0, "deepstack_0": 0}
+    assert {k: int(v) for k, v in out.nonfinite_student.items()} == {"merger": 0, "deepstack_0": 0}
+    assert {k: int(v) for k, v in out.nonfinite_teacher.items()} == {"merger": 0, "deepstack_0": 0}
     with pytest.raises(dataclasses.FrozenInstanceError):
         out.tokens = 3
+
+
+def test_scale_zero_at_the_start_of_warm_up_keeps_the_per_target_values():
+    # Step 0 of a warm-up: scale 0 gives an exact 0 term, still a function of the student, while the
+    # unweighted per-target value (telemetry) is the MSE example's 3.25.
+    student = tensor(MSE_S, grad=True)
+
+    out = vision_kd_loss(
+        {"merger": student}, {"merger": tensor(MSE_T)}, weights={"merger": 2.0}, distance="mse", scale=0.0
+    )
+    out.total.backward()
+
+    assert num(out.total) == 0.0
+    assert num(out.per_target["merger"]) == approx(MSE_VALUE)
+    assert torch.equal(student.grad, torch.zeros(2, 2))
 
 
 @pytest.mark.parametrize("kind", ["mse", "cosine"])
@@ -141,9 +157,7 @@ def test_zero_rows_give_an_exact_zero_connected_to_the_student(kind):
     student = torch.zeros(0, 4, requires_grad=True)
     teacher = torch.zeros(0, 4)
 
-    out = vision_kd_loss(
-        {"merger": student}, {"merger": teacher}, target_weights={"merger": 1.0}, distance=kind, weight=2.0
-    )
+    out = vision_kd_loss({"merger": student}, {"merger": teacher}, weights={"merger": 1.0}, distance=kind, scale=2.0)
     out.total.backward()
 
     assert num(out.total) == 0.0
@@ -156,6 +170,13 @@ def test_zero_rows_give_an_exact_zero_connected_to_the_student(kind):
 # --- non-finite rows --------------------------------------------------------------------------------
 
 
+def bad_row_counts(out: LossOutput) -> dict[str, dict]:
+    return {
+        "student": {k: int(v) for k, v in out.nonfinite_student.items()},
+        "teacher": {k: int(v) for k, v in out.nonfinite_teacher.items()},
+    }
+
+
 @pytest.mark.parametrize("bad", [NAN, INF, -INF])
 def test_nonfinite_teacher_rows_are_masked_on_both_sides(bad):
     # row 1 is dropped; rows 0 and 2 remain:
@@ -166,12 +187,13 @@ def test_nonfinite_teacher_rows_are_masked_on_both_sides(bad):
     student = tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]], grad=True)
     teacher = tensor([[1.0, 0.0], [bad, 0.0], [0.0, 4.0]])
 
-    distance, masked = feature_distance(student, teacher, "mse")
-    distance.backward()
+    out = vision_kd_loss({"merger": student}, {"merger": teacher}, weights={"merger": 1.0}, distance="mse", scale=1.0)
+    out.total.backward()
 
-    assert num(distance) == approx(8.25)
-    assert int(masked) == 1
+    assert num(out.total) == approx(8.25)
+    assert bad_row_counts(out) == {"student": {"merger": 0}, "teacher": {"merger": 1}}
     torch.testing.assert_close(student.grad, tensor([[0.0, 1.0], [0.0, 0.0], [2.5, 1.0]]))
+    assert num(feature_distance(student, teacher, "mse")) == approx(8.25)
 
 
 @pytest.mark.parametrize("bad", [NAN, INF])
@@ -180,16 +202,55 @@ def test_nonfinite_student_rows_are_masked_with_finite_gradients(bad):
     student = tensor([[1.0, 2.0], [bad, 4.0], [3.0, 4.0]], grad=True)
     teacher = tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 4.0]])
 
-    out = vision_kd_loss(
-        {"merger": student}, {"merger": teacher}, target_weights={"merger": 1.0}, distance="mse", weight=1.0
-    )
+    out = vision_kd_loss({"merger": student}, {"merger": teacher}, weights={"merger": 1.0}, distance="mse", scale=1.0)
     out.total.backward()
 
     assert num(out.total) == approx(3.25)
-    assert int(out.nonfinite["merger"]) == 1
-    assert out.nonfinite["merger"].dtype == torch.int64
+    assert bad_row_counts(out) == {"student": {"merger": 1}, "teacher": {"merger": 0}}
+    assert out.nonfinite_student["merger"].dtype == torch.int64
+    assert out.nonfinite_student["merger"].dim() == 0
     assert torch.isfinite(student.grad).all()
     assert student.grad[1].abs().sum() == 0
+
+
+@pytest.mark.parametrize("kind", ["mse", "cosine"])
+def test_nonfinite_rows_are_counted_per_side_and_target(kind):
+    # merger, 5 rows of hidden 2:
+    #   row 0: valid                 s=(1,2) t=(1,0)
+    #   row 1: student NaN
+    #   row 2: teacher NaN
+    #   row 3: both (student Inf, teacher -Inf): counted on each side
+    #   row 4: valid                 s=(3,4) t=(4,3)
+    #   mse    = ((0 + 4) / 2 + (1 + 1) / 2) / 2 valid rows = (2 + 1) / 2 = 1.5
+    #   cosine = ((1 - 1/sqrt(5)) + (1 - 24/25)) / 2 = (1 - 0.4472136 + 0.04) / 2 = 0.2963932
+    # deepstack_0, 2 rows: row 0 student NaN, row 1 valid and equal -> distance 0 on either kind.
+    # total = scale 0.5 * (2.0 * merger + 3.0 * 0)
+    merger_s = tensor([[1.0, 2.0], [NAN, 1.0], [1.0, 1.0], [INF, 0.0], [3.0, 4.0]], grad=True)
+    merger_t = tensor([[1.0, 0.0], [1.0, 1.0], [NAN, 1.0], [-INF, 1.0], [4.0, 3.0]])
+    deep_s = tensor([[NAN, 0.0], [1.0, 1.0]], grad=True)
+    deep_t = tensor([[0.0, 0.0], [1.0, 1.0]])
+    merger_value = {"mse": 1.5, "cosine": (1 - 1 / math.sqrt(5) + 0.04) / 2}[kind]
+    merger, deep = Target("merger"), Target("deepstack", 0)
+
+    out = vision_kd_loss(
+        {merger: merger_s, deep: deep_s},
+        {merger: merger_t, deep: deep_t},
+        weights={merger: 2.0, deep: 3.0},
+        distance=kind,
+        scale=0.5,
+    )
+    out.total.backward()
+
+    assert bad_row_counts(out) == {"student": {merger: 2, deep: 1}, "teacher": {merger: 2, deep: 0}}
+    assert all(v.dtype == torch.int64 for v in [*out.nonfinite_student.values(), *out.nonfinite_teacher.values()])
+    assert math.isfinite(num(out.total))
+    assert num(out.per_target[merger]) == approx(merger_value)
+    assert num(out.per_target[deep]) == approx(0.0)
+    assert num(out.total) == approx(0.5 * 2.0 * merger_value)
+    assert out.tokens == 5
+    assert torch.isfinite(merger_s.grad).all()
+    assert torch.isfinite(deep_s.grad).all()
+    assert merger_s.grad[1:4].abs().sum() == 0  # masked rows, whichever side was bad
 
 
 def test_nonfinite_rows_are_masked_for_cosine():
@@ -198,11 +259,13 @@ def test_nonfinite_rows_are_masked_for_cosine():
     student = tensor([[1.0, 0.0], [NAN, 1.0], [1.0, 1.0]], grad=True)
     teacher = tensor([[0.0, 1.0], [1.0, 1.0], [2.0, 2.0]])
 
-    distance, masked = feature_distance(student, teacher, "cosine")
-    distance.backward()
+    out = vision_kd_loss(
+        {"merger": student}, {"merger": teacher}, weights={"merger": 1.0}, distance="cosine", scale=1.0
+    )
+    out.total.backward()
 
-    assert num(distance) == approx(0.5)
-    assert int(masked) == 1
+    assert num(out.total) == approx(0.5)
+    assert bad_row_counts(out) == {"student": {"merger": 1}, "teacher": {"merger": 0}}
     assert torch.isfinite(student.grad).all()
 
 
@@ -211,11 +274,11 @@ def test_all_rows_nonfinite_give_zero_not_nan(kind):
     student = tensor([[1.0, 2.0], [3.0, 4.0]], grad=True)
     teacher = tensor([[NAN, 0.0], [0.0, INF]])
 
-    distance, masked = feature_distance(student, teacher, kind)
-    distance.backward()
+    out = vision_kd_loss({"merger": student}, {"merger": teacher}, weights={"merger": 1.0}, distance=kind, scale=1.0)
+    out.total.backward()
 
-    assert num(distance) == 0.0
-    assert int(masked) == 2
+    assert num(out.total) == 0.0
+    assert bad_row_counts(out) == {"student": {"merger": 0}, "teacher": {"merger": 2}}
     assert torch.equal(student.grad, torch.zeros(2, 2))
 
 
@@ -223,7 +286,7 @@ def test_teacher_never_receives_gradients():
     student = tensor(MSE_S, grad=True)
     teacher = tensor(MSE_T, grad=True)
 
-    distance, _ = feature_distance(student, teacher, "mse")
+    distance = feature_distance(student, teacher, "mse")
     distance.backward()
 
     assert student.grad is not None
@@ -235,41 +298,71 @@ def test_teacher_never_receives_gradients():
 
 @pytest.mark.parametrize(
     ("student_shape", "teacher_shape"),
-    [((5, 4), (5, 3)), ((5, 4), (4, 4))],
-    ids=["hidden-size", "row-count"],
+    [((5, 4), (5, 3)), ((5, 4), (4, 4)), ((1, 5, 4), (5, 4))],
+    ids=["hidden-size", "row-count", "rank"],
 )
 def test_shape_mismatch_names_both_shapes(student_shape, teacher_shape):
     with pytest.raises(FeatureMismatchError) as error:
         vision_kd_loss(
-            {"merger": torch.zeros(student_shape)},
-            {"merger": torch.zeros(teacher_shape)},
-            target_weights={"merger": 1.0},
+            {Target("merger"): torch.zeros(student_shape)},
+            {Target("merger"): torch.zeros(teacher_shape)},
+            weights={Target("merger"): 1.0},
             distance="mse",
-            weight=1.0,
+            scale=1.0,
         )
 
     assert error.value.target == "merger"
     assert error.value.student_shape == student_shape
     assert error.value.teacher_shape == teacher_shape
-    assert str(list(student_shape)) in str(error.value)
-    assert str(list(teacher_shape)) in str(error.value)
+    assert str(error.value) == (
+        f"vision KD target 'merger': student features {list(student_shape)} "
+        f"do not match teacher features {list(teacher_shape)}"
+    )
     assert isinstance(error.value, ValueError)
+
+
+@pytest.mark.parametrize("shape", [(4,), (), (3, 0)], ids=["1-d", "0-d", "no-hidden"])
+def test_features_without_rows_of_hidden_values_are_a_mismatch(shape):
+    # Equal shapes, but nothing to compare row by row: [..., tokens, hidden] with hidden > 0 is required.
+    target = Target("deepstack", 1)
+    with pytest.raises(FeatureMismatchError) as error:
+        vision_kd_loss(
+            {target: torch.zeros(shape)}, {target: torch.zeros(shape)}, weights={target: 1.0}, distance="mse", scale=1.0
+        )
+    assert (error.value.target, error.value.student_shape, error.value.teacher_shape) == ("deepstack_1", shape, shape)
+    with pytest.raises(FeatureMismatchError):
+        feature_distance(torch.zeros(shape), torch.zeros(shape), "cosine")
 
 
 @pytest.mark.parametrize("missing_side", ["student", "teacher"])
 def test_target_on_one_side_only_is_a_mismatch(missing_side):
-    full = {"merger": torch.zeros(2, 4), "deepstack_0": torch.zeros(2, 4)}
-    partial = {"merger": torch.zeros(2, 4)}
+    full = {Target("merger"): torch.zeros(2, 4), Target("deepstack", 0): torch.zeros(2, 4)}
+    partial = {Target("merger"): torch.zeros(2, 4)}
     student, teacher = (partial, full) if missing_side == "student" else (full, partial)
 
     with pytest.raises(FeatureMismatchError, match=r"'deepstack_0'.*missing") as error:
-        vision_kd_loss(
-            student, teacher, target_weights={"merger": 1.0, "deepstack_0": 1.0}, distance="mse", weight=1.0
-        )
+        vision_kd_loss(student, teacher, weights=dict.fromkeys(full, 1.0), distance="mse", scale=1.0)
 
     shapes = {"student": error.value.student_shape, "teacher": error.value.teacher_shape}
+    assert error.value.target == "deepstack_0"
     assert shapes[missing_side] is None
     assert shapes[{"student": "teacher", "teacher": "student"}[missing_side]] == (2, 4)
+
+
+def test_shapes_are_checked_before_any_arithmetic(monkeypatch):
+    # A mismatch in the last target must refuse before the first target's distance is computed.
+    def must_not_run(*_args, **_kwargs):
+        raise AssertionError("distance computed before every shape was checked")
+
+    monkeypatch.setitem(loss.ROW_DISTANCES, "mse", must_not_run)
+    with pytest.raises(FeatureMismatchError, match="'deepstack_0'"):
+        vision_kd_loss(
+            {Target("merger"): torch.zeros(2, 4), Target("deepstack", 0): torch.zeros(2, 4)},
+            {Target("merger"): torch.zeros(2, 4), Target("deepstack", 0): torch.zeros(2, 3)},
+            weights={Target("merger"): 1.0, Target("deepstack", 0): 1.0},
+            distance="mse",
+            scale=1.0,
+        )
 
 
 def test_feature_distance_checks_shapes_too():
@@ -277,26 +370,16 @@ def test_feature_distance_checks_shapes_too():
         feature_distance(torch.zeros(3, 2), torch.zeros(3, 5), "mse")
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "message"),
-    [
-        ({"distance": "l1"}, "unknown vision KD distance 'l1'"),
-        ({"weight": NAN}, "weight must be finite"),
-        ({"warmup": INF}, "warmup must be finite"),
-        ({"target_weights": {}}, "no weight for target 'merger'"),
-        ({"target_weights": {"merger": NAN}}, "weight of target 'merger' must be finite"),
-    ],
-)
-def test_bad_arguments_are_refused(kwargs, message):
-    arguments = {"target_weights": {"merger": 1.0}, "distance": "mse", "weight": 1.0, **kwargs}
-
-    with pytest.raises(ValueError, match=message):
-        vision_kd_loss({"merger": torch.zeros(1, 2)}, {"merger": torch.zeros(1, 2)}, **arguments)
+def test_no_features_at_all_is_a_mismatch():
+    with pytest.raises(FeatureMismatchError) as error:
+        vision_kd_loss({}, {}, weights={}, distance="mse", scale=1.0)
+    assert (error.value.target, error.value.student_shape, error.value.teacher_shape) == (None, None, None)
+    assert str(error.value) == "vision KD target None: student features missing do not match teacher features missing"
 
 
-def test_no_features_at_all_is_refused():
-    with pytest.raises(ValueError, match="no features"):
-        vision_kd_loss({}, {}, target_weights={}, distance="mse", weight=1.0)
+def test_distances_table():
+    assert loss.DISTANCES == ("mse", "cosine", "nmse", "relation")
+    assert (*loss.ROW_DISTANCES, *loss.RELATION_DISTANCES) == loss.DISTANCES
 
 
 # --- device discipline -------------------------------------------------------------------------------
@@ -321,25 +404,29 @@ def test_no_host_sync(kind, monkeypatch):
     with pytest.raises(AssertionError, match="host sync"):
         bool(torch.ones(()))  # the trap is armed
 
-    out = vision_kd_loss(
-        student, teacher, target_weights={"merger": 1.0, "deepstack_0": 1.0}, distance=kind, weight=1.0
-    )
+    out = vision_kd_loss(student, teacher, weights={"merger": 1.0, "deepstack_0": 1.0}, distance=kind, scale=1.0)
     monkeypatch.undo()
 
     assert num(out.total) == 0.0  # both merger rows masked, deepstack empty
-    assert int(out.nonfinite["merger"]) == 2
+    assert bad_row_counts(out) == {
+        "student": {"merger": 1, "deepstack_0": 0},
+        "teacher": {"merger": 1, "deepstack_0": 0},
+    }
 
 
 # --- real model: gradients reach the student's vision side only ---------------------------------------
 
 KINDS = ("merger", "deepstack")
+MERGER = Target("merger")
+DEEPSTACK_0 = Target("deepstack", 0)
+DEEPSTACK_1 = Target("deepstack", 1)
 
 
 @pytest.fixture(scope="module")
 def kd_models():
-    student = tiny_models.build_qwen3_vl(seed=0)
-    teacher = tiny_models.build_qwen3_vl(seed=1).requires_grad_(False)
-    inputs = tiny_models.forward_inputs(student.config, n_images=2, seed=11)
+    student = models.build_qwen3_vl(seed=0)
+    teacher = models.build_qwen3_vl(seed=1).requires_grad_(False)
+    inputs = kit_inputs.forward_inputs(student.config, n_images=2, seed=11)
     return student, teacher, inputs
 
 
@@ -355,15 +442,15 @@ def kd_backward(student, teacher, inputs, corrupt_teacher_row: int | None = None
             features = capture.take()
             teacher_features = dict(features[TEACHER])
             if corrupt_teacher_row is not None:
-                corrupted = teacher_features["merger"].clone()
+                corrupted = teacher_features[MERGER].clone()
                 corrupted[corrupt_teacher_row] = NAN
-                teacher_features["merger"] = corrupted
+                teacher_features[MERGER] = corrupted
             out = vision_kd_loss(
                 features[STUDENT],
                 teacher_features,
-                target_weights=dict.fromkeys(features[STUDENT], 1.0),
+                weights=dict.fromkeys(features[STUDENT], 1.0),
                 distance="mse",
-                weight=0.5,
+                scale=0.5,
             )
             student.zero_grad(set_to_none=True)
             out.total.backward()
@@ -383,7 +470,11 @@ def test_kd_term_trains_the_student_vision_side_only(kd_models):
 
     assert math.isfinite(num(out.total))
     assert num(out.total) > 0
-    assert list(out.per_target) == ["merger", "deepstack_0", "deepstack_1"]
+    assert list(out.per_target) == [MERGER, DEEPSTACK_0, DEEPSTACK_1]
+    assert bad_row_counts(out) == {
+        "student": dict.fromkeys(out.per_target, 0),
+        "teacher": dict.fromkeys(out.per_target, 0),
+    }
     assert out.tokens == 8  # 2 images x 4 merged tokens
     visual = student.model.visual
     for name, module in [
@@ -406,8 +497,10 @@ def test_nan_teacher_features_keep_student_grads_finite(kd_models):
     out = kd_backward(student, teacher, inputs, corrupt_teacher_row=3)
 
     assert math.isfinite(num(out.total))
-    assert int(out.nonfinite["merger"]) == 1
-    assert int(out.nonfinite["deepstack_0"]) == 0
+    assert bad_row_counts(out) == {
+        "student": {MERGER: 0, DEEPSTACK_0: 0, DEEPSTACK_1: 0},
+        "teacher": {MERGER: 1, DEEPSTACK_0: 0, DEEPSTACK_1: 0},
+    }
     grads = [p.grad for p in student.model.visual.parameters() if p.grad is not None]
     assert grads
     assert all(torch.isfinite(g).all() for g in grads)

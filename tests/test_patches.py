@@ -1,84 +1,135 @@
-"""Each patch point against the real ms-swift modules: installed where it belongs, calls through,
-removed by unpatch, refuses loudly, and never raises into an import."""
+"""Each patch point against the real ms-swift modules of the installed release: installed where the
+layout puts it, calls through, removed by unpatch, refuses loudly, and never raises into an import.
 
+Parametrized by the installed layout (``patches.LAYOUT``), so the same file runs under every tested
+ms-swift stack (`make test` runs it under 4.6 and under 3.12).
+"""
+
+import importlib
 import json
+import re
 import types
 
 import pytest
 import wrapt
-from swift.cli import main as swift_cli
-from swift.pipelines.train import rlhf
-from swift.rlhf_trainers import gkd_trainer
 
-from vkd_shim import patches, telemetry
+from vkd_shim import config, doctor, patches, preflight, swift_layouts, telemetry
+from vkd_shim.config import VisualKDConfig
+from vkd_shim.errors import PatchError, RefusedError
 
-TRAINER_ATTRS = ("__init__", "compute_loss", "log")
+LAYOUT = patches.LAYOUT
+TRAINER_ROLES = (swift_layouts.TRAINER_INIT, swift_layouts.TRAINER_COMPUTE_LOSS, swift_layouts.TRAINER_LOG)
+
+
+def point(role: str) -> tuple[types.ModuleType, str, str]:
+    """(module object, class name, attribute) of a role in the installed layout."""
+    module_name, qualname = LAYOUT.points[role]
+    owner, _, attr = qualname.rpartition(".")
+    return importlib.import_module(module_name), owner, attr
 
 
 @pytest.fixture
 def events(tmp_path, monkeypatch):
-    """Event lines from the real sink, parsed; the config cache starts empty."""
+    """Event lines from the real sink, parsed; config cache and patcher start empty."""
     path = tmp_path / "events.jsonl"
     monkeypatch.setenv("VKD_LOG_FILE", str(path))
-    for name in ("VKD_CONFIG", "VKD_WEIGHT", "VKD_TARGETS", "VKD_DISTANCE", "VKD_INLINE_CONFIG"):
+    for name in ("VKD_CONFIG", "VKD_WEIGHT", "VKD_TARGETS", "VKD_DISTANCE", "VKD_INLINE_CONFIG", "VKD_INLINE_SOURCE"):
         monkeypatch.delenv(name, raising=False)
     telemetry.reset_logger()
-    monkeypatch.setattr(patches, "_resolved", None)
-    monkeypatch.setattr(patches, "_PATCHER", patches._Patcher())
+    patches.reset()
 
     def read() -> list[dict]:
         telemetry.get_logger().close()
         return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
 
     yield read
-    patches.unpatch_all()
+    patches.reset()
     telemetry.reset_logger()
 
 
 @pytest.fixture
 def trainer_mocks(mocker):
     """Stand-ins for the originals, so a call through the wrapper is observable."""
-    return {attr: mocker.patch.object(gkd_trainer.GKDTrainer, attr, autospec=True) for attr in TRAINER_ATTRS}
+    module, owner, _ = point(swift_layouts.TRAINER_INIT)
+    cls = getattr(module, owner)
+    return cls, {point(r)[2]: mocker.patch.object(cls, point(r)[2], autospec=True) for r in TRAINER_ROLES}
+
+
+def test_installed_release_picks_its_layout_and_passes_the_guard():
+    assert swift_layouts.version_problem() is None
+    assert LAYOUT.matches(swift_layouts.installed_version())
+
+
+@pytest.mark.parametrize(
+    ("version", "series", "guarded"),
+    [
+        ("3.12.0", "3.12", False),
+        ("4.6.3", "4.6", False),
+        ("3.11.3", "3.12", True),  # same major: the 3.x layout, and the guard says it is untested
+        ("3.1", "3.12", True),  # "3.1" must not pass as "3.12"
+        ("4.5.3", "4.6", True),
+        ("5.0.0", "4.6", True),  # unknown major: the newest layout, guarded
+    ],
+)
+def test_version_to_layout_guard_and_reason(version, series, guarded):
+    assert swift_layouts.for_version(version).series == series
+    problem = swift_layouts.version_problem(version)
+    assert (problem is not None) == guarded
+    assert version in swift_layouts.layout_reason(version)
+    if guarded:
+        assert version in problem and "3.12.x" in problem and "4.6.x" in problem
+
+
+def test_bootstrap_hooks_every_layout_module_from_the_layouts_themselves():
+    """A module of a supported release that the bootstrap does not hook would never be patched."""
+    hooked = set(swift_layouts.hook_modules())
+    for layout in swift_layouts.LAYOUTS:
+        assert set(layout.modules) <= hooked, layout.series
+    assert "swift" in hooked
 
 
 def test_trainer_points_installed_call_through_and_removed(events, trainer_mocks):
-    patches.on_gkd_trainer(gkd_trainer)
-    for attr, original in trainer_mocks.items():
-        wrapper = vars(gkd_trainer.GKDTrainer)[attr]
+    cls, mocks = trainer_mocks
+    patches.on_import(importlib.import_module(LAYOUT.trainer_module))
+    for attr, original in mocks.items():
+        wrapper = vars(cls)[attr]
         assert isinstance(wrapper, patches._VkdWrapper) and wrapper.__wrapped__ is original
-    instance = object.__new__(gkd_trainer.GKDTrainer)  # no vision KD state: pure pass-through
+    instance = object.__new__(cls)  # no vision KD state: pure pass-through
     inputs = {"model_inputs": {"input_ids": [1]}}
-    trainer_mocks["compute_loss"].return_value = "loss"
-    assert gkd_trainer.GKDTrainer.compute_loss(instance, "model", inputs, return_outputs=True) == "loss"
-    trainer_mocks["compute_loss"].assert_called_once_with(instance, "model", inputs, return_outputs=True)
-    gkd_trainer.GKDTrainer.log(instance, {"loss": 1.0})
-    trainer_mocks["log"].assert_called_once_with(instance, {"loss": 1.0})
+    mocks["compute_loss"].return_value = "loss"
+    assert cls.compute_loss(instance, "model", inputs, return_outputs=True) == "loss"
+    mocks["compute_loss"].assert_called_once_with(instance, "model", inputs, return_outputs=True)
+    cls.log(instance, {"loss": 1.0})
+    mocks["log"].assert_called_once_with(instance, {"loss": 1.0})
 
     patches.unpatch_all()
-    for attr, original in trainer_mocks.items():
-        assert vars(gkd_trainer.GKDTrainer)[attr] is original
+    for attr, original in mocks.items():
+        assert vars(cls)[attr] is original
     applied = [e["target"] for e in events() if e["event"] == "vkd.patch" and e["status"] == "applied"]
-    assert applied == [f"swift.rlhf_trainers.gkd_trainer:GKDTrainer.{a}" for a in TRAINER_ATTRS]
+    assert applied == [f"{LAYOUT.trainer_module}:{cls.__name__}.{a}" for a in mocks]
 
 
 def test_second_patch_never_double_wraps(events, trainer_mocks):
-    patches.on_gkd_trainer(gkd_trainer)
-    patches.on_gkd_trainer(gkd_trainer)
-    wrapper = vars(gkd_trainer.GKDTrainer)["compute_loss"]
-    assert not isinstance(wrapper.__wrapped__, wrapt.FunctionWrapper)
+    cls, _ = trainer_mocks
+    module = importlib.import_module(LAYOUT.trainer_module)
+    patches.on_import(module)
+    patches.on_import(module)
+    assert not isinstance(vars(cls)["compute_loss"].__wrapped__, wrapt.FunctionWrapper)
     assert [e["status"] for e in events() if e["event"] == "vkd.patch"].count("skipped") == 3
 
 
 def test_pipeline_and_cli_points(events, mocker):
-    prepare = mocker.patch.object(rlhf.SwiftRLHF, "_prepare_model_tokenizer", autospec=True)
-    parse = mocker.patch.object(swift_cli, "parse_yaml_args")
-    patches.on_rlhf_pipeline(rlhf)
-    patches.on_cli_main(swift_cli)
-    assert vars(rlhf.SwiftRLHF)["_prepare_model_tokenizer"].__wrapped__ is prepare
-    assert vars(swift_cli)["parse_yaml_args"].__wrapped__ is parse
+    pipeline, owner, attr = point(swift_layouts.PIPELINE_PREFLIGHT)
+    cli, _, cli_attr = point(swift_layouts.CLI_YAML)
+    prepare = mocker.patch.object(getattr(pipeline, owner), attr, autospec=True)
+    parse = mocker.patch.object(cli, cli_attr)
+    patches.on_import(pipeline)
+    patches.on_import(cli)
+    assert vars(getattr(pipeline, owner))[attr].__wrapped__ is prepare
+    assert vars(cli)[cli_attr].__wrapped__ is parse
     patches.unpatch_all()
-    assert vars(rlhf.SwiftRLHF)["_prepare_model_tokenizer"] is prepare
-    assert vars(swift_cli)["parse_yaml_args"] is parse
+    assert vars(getattr(pipeline, owner))[attr] is prepare
+    assert vars(cli)[cli_attr] is parse
 
 
 def test_missing_point_applies_nothing_and_raises_from_our_code(events):
@@ -89,37 +140,49 @@ def test_missing_point_applies_nothing_and_raises_from_our_code(events):
         def log(self, logs):
             pass
 
-    fake = types.ModuleType("swift.rlhf_trainers.gkd_trainer")
+    fake = types.ModuleType(LAYOUT.trainer_module)
     fake.GKDTrainer = GKDTrainer
-    patches.on_gkd_trainer(fake)  # must not raise into the import
+    patches.on_import(fake)  # must not raise into the import
     assert not isinstance(vars(GKDTrainer)["__init__"], wrapt.FunctionWrapper)  # all-or-nothing
-    with pytest.raises(patches.PatchError, match=r"GKDTrainer\.compute_loss not found") as err:
-        patches._PATCHER.raise_failures()
-    assert "ms-swift 4.6" in str(err.value)
+    with pytest.raises(PatchError, match=r"GKDTrainer\.compute_loss not found") as err:
+        patches.PATCHER.raise_failures()
+    assert f"ms-swift {swift_layouts.installed_version()}" in str(err.value)
     failed = [e for e in events() if e["event"] == "vkd.patch" and e["status"] == "failed"]
-    assert [e["target"] for e in failed] == ["swift.rlhf_trainers.gkd_trainer:GKDTrainer.compute_loss"]
-    assert failed[0]["swift_version"] == "4.6.0"
+    assert [e["target"] for e in failed] == [f"{LAYOUT.trainer_module}:GKDTrainer.compute_loss"]
+    assert failed[0]["swift_version"] == swift_layouts.installed_version()
 
 
 def test_exception_inside_hook_is_recorded_not_raised(events, mocker):
-    mocker.patch.object(patches._PATCHER, "apply", side_effect=RuntimeError("boom"))
-    patches.on_gkd_trainer(gkd_trainer)
-    with pytest.raises(patches.PatchError, match="boom"):
-        patches._PATCHER.raise_failures()
+    mocker.patch.object(patches.PATCHER, "apply", side_effect=RuntimeError("boom"))
+    patches.on_import(importlib.import_module(LAYOUT.trainer_module))
+    with pytest.raises(PatchError, match="boom"):
+        patches.PATCHER.raise_failures()
     assert any(e["event"] == "vkd.patch" and "boom" in e["reason"] for e in events())
 
 
+def test_switch_value_that_is_neither_on_nor_off_stops_the_first_wrapper(events, mocker):
+    """VKD_ENABLE=2 activates carrying the error, and the pipeline wrapper raises it before any load."""
+    from vkd_shim.errors import ConfigError
+
+    error = ConfigError("invalid vision-KD switch: VKD_ENABLE = '2'", field="VKD_ENABLE")
+    patches.on_import(types.ModuleType("swift"), [error])
+    original = mocker.Mock()
+    with pytest.raises(PatchError, match="VKD_ENABLE = '2'"):
+        patches._wrap_prepare_model_tokenizer(original, types.SimpleNamespace(args=rlhf_args()), (), {})
+    original.assert_not_called()
+
+
 def test_version_guard_event(events, mocker):
-    mocker.patch.object(patches, "_swift_version", return_value="3.11.3")
-    patches.on_swift(types.ModuleType("swift"))
-    guard = [e for e in events() if e["event"] == "vkd.version"]
-    assert len(guard) == 1 and "3.11.3" in guard[0]["problem"] and guard[0]["level"] == "warning"
-    assert "4.6.x, 3.12.x" in guard[0]["problem"]
-    assert patches.version_problem() is not None
+    mocker.patch.object(swift_layouts, "installed_version", return_value="3.11.3")
+    patches.on_import(types.ModuleType("swift"))
+    (guard,) = [e for e in events() if e["event"] == "vkd.version"]
+    assert "3.11.3" in guard["problem"] and guard["level"] == "warning"
+    (activate,) = [e for e in events() if e["event"] == "vkd.activate"]
+    assert "3.11.3" in activate["layout_reason"]
 
 
 def test_supported_version_has_no_guard_event(events):
-    patches.on_swift(types.ModuleType("swift"))
+    patches.on_import(types.ModuleType("swift"))
     names = [e["event"] for e in events()]
     assert "vkd.activate" in names and "vkd.version" not in names
 
@@ -131,6 +194,8 @@ def rlhf_args(**overrides):
         teacher_model_server=None,
         fsdp=None,
         model_dir=None,
+        freeze_aligner=False,
+        freeze_vit=True,
         _teacher_use_disable_adapter=False,
     )
     values.update(overrides)
@@ -144,30 +209,62 @@ def rlhf_args(**overrides):
         ({"teacher_model_server": "http://127.0.0.1:8000"}, "remote teacher"),
         ({"teacher_model": None}, "no --teacher_model"),
         ({"fsdp": "full_shard"}, "FSDP"),
+        ({"freeze_aligner": True}, "aligner and the ViT are both frozen"),
     ],
 )
-def test_preflight_refusals(events, overrides, match):
-    with pytest.raises(patches.RefusedError, match=match):
-        patches.preflight(rlhf_args(**overrides))
-    refused = [e for e in events() if e["event"] == "vkd.refuse"]
-    assert len(refused) == 1 and refused[0]["fix"]
+def test_preflight_refusals(events, mocker, overrides, match):
+    original = mocker.Mock()
+    with pytest.raises(RefusedError, match=match):
+        patches._wrap_prepare_model_tokenizer(original, types.SimpleNamespace(args=rlhf_args(**overrides)), (), {})
+    original.assert_not_called()
+    (refused,) = [e for e in events() if e["event"] == "vkd.refuse"]
+    assert refused["fix"] and re.search(match, refused["reason"])
 
 
-def test_preflight_allows_lora_self_distillation_via_disable_adapter(events):
-    patches.preflight(rlhf_args(teacher_model=None, _teacher_use_disable_adapter=True))
-    assert events() == []
+def test_preflight_lets_lora_self_distillation_and_an_unfrozen_vit_through():
+    config = VisualKDConfig()
+    assert preflight.check(rlhf_args(teacher_model=None, _teacher_use_disable_adapter=True), config) == []
+    assert preflight.check(rlhf_args(freeze_aligner=True, freeze_vit=False), config) == []
+    assert preflight.check(rlhf_args(freeze_aligner=True, trainable_parameters=["model.visual"]), config) == []
 
 
-def test_preflight_refuses_aligner_width_mismatch(events, tmp_path):
-    for name, width in (("student", 64), ("teacher", 96)):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "config.json").write_text(
-            json.dumps({"vision_config": {"out_hidden_size": width}})
-        )
-    with pytest.raises(patches.RefusedError, match="64 vs 96"):
-        patches.preflight(
-            rlhf_args(model_dir=str(tmp_path / "student"), teacher_model=str(tmp_path / "teacher"))
-        )
+def write_model(path, **vision):
+    path.mkdir()
+    base = {"out_hidden_size": 64, "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2}
+    (path / "config.json").write_text(json.dumps({"model_type": "qwen3_vl", "vision_config": {**base, **vision}}))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("student", "teacher", "block", "match"),
+    [
+        ({}, {"out_hidden_size": 96}, {}, "64 vs 96"),
+        ({}, {"patch_size": 14}, {}, "patch_size 16 vs 14"),
+        ({"deepstack_visual_indexes": [0, 1]}, {"deepstack_visual_indexes": [0, 1, 2]}, {}, "2 and 3 deepstack"),
+        (
+            {"deepstack_visual_indexes": [0, 1]},
+            {"deepstack_visual_indexes": [0, 1]},
+            {"deepstack_layers": [2]},
+            r"\[2\]",
+        ),
+        ({}, {}, {}, "no deepstack mergers"),  # Qwen2.5-VL-shaped, default targets
+    ],
+)
+def test_preflight_reads_both_config_files(tmp_path, student, teacher, block, match):
+    args = rlhf_args(
+        model_dir=write_model(tmp_path / "s", **student), teacher_model=write_model(tmp_path / "t", **teacher)
+    )
+    settings, _ = config.from_block(block)
+    refusals = preflight.check(args, settings)
+    assert refusals and any(re.search(match, r.reason) for r in refusals), refusals
+    assert all(r.fix for r in refusals)
+
+
+def test_preflight_refuses_a_model_without_a_vision_tower(tmp_path):
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "config.json").write_text(json.dumps({"model_type": "qwen3"}))
+    refusals = preflight.check(rlhf_args(model_dir=str(tmp_path / "text")), VisualKDConfig())
+    assert [r.reason for r in refusals if "no vision tower" in r.reason]
 
 
 def test_invalid_config_refuses_before_the_original_runs(events, mocker, tmp_path, monkeypatch):
@@ -175,51 +272,60 @@ def test_invalid_config_refuses_before_the_original_runs(events, mocker, tmp_pat
     bad.write_text("custom:\n  visual_kd:\n    wieght: 0.1\n")
     monkeypatch.setenv("VKD_CONFIG", str(bad))
     original = mocker.Mock()
-    with pytest.raises(patches.RefusedError, match="did you mean 'weight'"):
+    with pytest.raises(RefusedError, match="did you mean 'weight'"):
         patches._wrap_prepare_model_tokenizer(original, types.SimpleNamespace(args=rlhf_args()), (), {})
     original.assert_not_called()
     invalid = [e for e in events() if e["event"] == "vkd.config.invalid"]
     assert invalid[0]["field"] == "custom.visual_kd.wieght" and invalid[0]["source"] == str(bad)
 
 
-def test_inactive_config_calls_straight_through(events, mocker, monkeypatch):
+def test_disabled_by_config_is_a_visible_decision_and_calls_straight_through(events, mocker, monkeypatch):
     monkeypatch.setenv("VKD_WEIGHT", "0")
     original = mocker.Mock(return_value="loaded")
     instance = types.SimpleNamespace(args=rlhf_args(rlhf_type="dpo"))  # would be refused if active
     assert patches._wrap_prepare_model_tokenizer(original, instance, (), {}) == "loaded"
-    assert [e["event"] for e in events()].count("vkd.config.note") == 1
+    names = [e["event"] for e in events()]
+    assert names.count("vkd.config.note") == 1
+    (disabled,) = [e for e in events() if e["event"] == "vkd.disabled"]
+    assert disabled["level"] == "warning" and "weight = 0" in disabled["reason"]
+
+
+def yaml_argv(path) -> list[str]:
+    return [str(path)] if LAYOUT.config_flag is None else ["--model", "m", LAYOUT.config_flag, str(path)]
+
+
+def expanded(argv_tail: list[str]) -> list[str]:
+    return argv_tail if LAYOUT.config_flag is None else ["--model", "m", *argv_tail]
 
 
 def test_inline_block_leaves_swift_argv(events, tmp_path, monkeypatch):
-    monkeypatch.delenv("SWIFT_CONFIG_FILE", raising=False)
     path = tmp_path / "gkd.yaml"
     path.write_text(
-        "rlhf_type: gkd\ncustom:\n  visual_kd:\n    weight: 0.25\n    distance: cosine\n"
-        "  other: 1\nmax_steps: 3\n"
+        "rlhf_type: gkd\ncustom:\n  visual_kd:\n    weight: 0.25\n    distance: cosine\n  other: 1\nmax_steps: 3\n"
     )
-    argv = [str(path)]
-    wrapped = patches._VkdWrapper(swift_cli.parse_yaml_args, patches._wrap_parse_yaml_args)
-    wrapped(argv)
-    assert argv == ["--rlhf_type", "gkd", "--custom", '{"other": 1}', "--max_steps", "3"]
+    cli, _, attr = point(swift_layouts.CLI_YAML)
+    argv = yaml_argv(path)
+    patches._VkdWrapper(getattr(cli, attr), patches._wrap_cli_yaml)(argv)
+    assert argv == expanded(["--rlhf_type", "gkd", "--custom", '{"other": 1}', "--max_steps", "3"])
+    monkeypatch.setenv("VKD_INLINE_CONFIG", patches.os.environ["VKD_INLINE_CONFIG"])
+    monkeypatch.setenv("VKD_INLINE_SOURCE", patches.os.environ["VKD_INLINE_SOURCE"])
     assert json.loads(patches.os.environ["VKD_INLINE_CONFIG"]) == {"weight": 0.25, "distance": "cosine"}
     resolved = patches.settings()
     assert resolved.config.weight == 0.25 and resolved.sources["weight"] == f"inline:{path}"
-    monkeypatch.delenv("VKD_INLINE_CONFIG")
 
 
-def test_inline_block_not_a_mapping_stops_the_launcher(events, tmp_path, monkeypatch):
-    monkeypatch.delenv("SWIFT_CONFIG_FILE", raising=False)
+def test_inline_block_not_a_mapping_stops_the_launcher(events, tmp_path):
     path = tmp_path / "gkd.yaml"
     path.write_text("rlhf_type: gkd\ncustom:\n  visual_kd: [merger]\n")
-    wrapped = patches._VkdWrapper(swift_cli.parse_yaml_args, patches._wrap_parse_yaml_args)
+    cli, _, attr = point(swift_layouts.CLI_YAML)
     with pytest.raises(SystemExit, match=r"custom\.visual_kd"):
-        wrapped([str(path)])
+        patches._VkdWrapper(getattr(cli, attr), patches._wrap_cli_yaml)(yaml_argv(path))
 
 
 def test_megatron_refuses_when_active(events):
     """megatron-core is not installed here, so ms-swift's Megatron pipeline cannot import: the hook
-    receives a stand-in module shaped like it (MegatronSft.__init__ calls _prepare_template before
-    it builds the trainer or loads weights), and the refusal must come before anything is built."""
+    receives a stand-in module shaped like it (MegatronSft.__init__ calls _prepare_template before it
+    builds the trainer or loads weights), and the refusal must come before anything is built."""
     built = []
 
     class MegatronRLHF:
@@ -230,17 +336,17 @@ def test_megatron_refuses_when_active(events):
         def _prepare_template(self):
             built.append("template")
 
-    fake = types.ModuleType(patches.MEGATRON_MODULE)
+    fake = types.ModuleType(LAYOUT.points[swift_layouts.MEGATRON_PREFLIGHT][0])
     fake.MegatronRLHF = MegatronRLHF
-    patches.on_megatron_rlhf(fake)
-    with pytest.raises(patches.RefusedError, match="Megatron"):
+    patches.on_import(fake)
+    with pytest.raises(RefusedError, match="Megatron"):
         MegatronRLHF(["--rlhf_type", "gkd"])
     assert built == []
 
 
-def test_patch_points_resolve_on_installed_swift():
-    statuses = patches.check_patch_points()
-    assert statuses and all(s.ok for s in statuses), [s for s in statuses if not s.ok]
-    megatron = [s for s in statuses if s.name.startswith(patches.MEGATRON_MODULE)]
-    assert len(megatron) == 1 and "optional" in megatron[0].reason  # no megatron-core here
-    assert len(statuses) == sum(len(p) for p in patches.POINTS.values())
+def test_doctor_resolves_every_patch_point_without_megatron(capsys):
+    report = doctor._Report()
+    doctor._patch_points(report, LAYOUT)
+    out = capsys.readouterr().out
+    assert report.problems == [], out
+    assert out.count("[ok]") == len(LAYOUT.points) - 1 and "[optional]" in out  # no megatron-core here

@@ -21,16 +21,18 @@ import structlog
 import torch
 import torch.distributed as dist
 
+from vkd_shim import env
+from vkd_shim.runtime import MetricBuffer
 from vkd_shim.telemetry import (
-    ENV_LOG_FILE,
     EVENTS,
     EventLogger,
-    MetricBuffer,
     RateLimiter,
     get_logger,
     rank_info,
     reset_logger,
 )
+
+ENV_LOG_FILE = env.LOG_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 FIXED_KEYS = ["timestamp", "level", "event", "pid", "rank", "local_rank", "world_size", "logger"]
@@ -114,11 +116,26 @@ def test_caller_keys_colliding_with_fixed_keys_are_kept_with_underscore():
 def test_unknown_level_is_written_as_info_and_warn_means_warning():
     sink = io.StringIO()
     log = EventLogger(sink=sink)
-    log.event("vkd.note", "loud")
+    log.event("vkd.config.note", "loud")
     log.event("vkd.patch", "warn")
     first, second = parse_lines(sink.getvalue())
-    assert (first["level"], first["level_"]) == ("info", "loud")
-    assert second["level"] == "warning"
+    assert (first["event"], first["level"], first["level_"]) == ("vkd.config.note", "info", "loud")
+    assert (second["event"], second["level"]) == ("vkd.patch", "warning")
+    assert "level_" not in second
+
+
+@pytest.mark.parametrize("name", ["vkd.note", "vkd.aligner_frozen", "vkd.Skip", "skip", ""])
+def test_unregistered_event_names_are_a_programming_error(name):
+    # Every emitted name is read against EVENTS, so a typo cannot ship as a line nobody alerts on.
+    sink = io.StringIO()
+    log = EventLogger(sink=sink)
+    for emit in (log.info, log.warning, log.error, lambda n: log.event(n, "info")):
+        with pytest.raises(ValueError, match=re.escape(f"unregistered vision-KD event {name!r}")):
+            emit(name)
+    assert sink.getvalue() == ""
+    assert log.dropped == 0
+    log.info("vkd.summary", steps_with_term={"train": 3})
+    assert parse_lines(sink.getvalue())[0]["steps_with_term"] == {"train": 3}
 
 
 def test_values_json_cannot_hold_are_rendered_not_raised():
@@ -241,14 +258,23 @@ def test_logger_pickles_with_its_path_and_context(tmp_path):
 
 def test_event_table_names_are_namespaced_and_described():
     required = {
-        "vkd.activate", "vkd.config", "vkd.config.invalid", "vkd.config.note", "vkd.version",
-        "vkd.patch", "vkd.unpatch", "vkd.refuse", "vkd.attach", "vkd.aligner_frozen",
-        "vkd.skip", "vkd.nonfinite", "vkd.log_file_error",
+        "vkd.activate", "vkd.config", "vkd.config.invalid", "vkd.config.note", "vkd.disabled", "vkd.version",
+        "vkd.patch", "vkd.unpatch", "vkd.refuse", "vkd.attach", "vkd.skip", "vkd.nonfinite",
+        "vkd.no_visual", "vkd.summary", "vkd.log_file_error",
     }  # fmt: skip
     assert set(EVENTS) == required
+    assert all(name.startswith("vkd.") for name in EVENTS)
     assert all(EVENTS[name].strip() and "\n" not in EVENTS[name] for name in EVENTS)
     with pytest.raises(TypeError):
         EVENTS["vkd.new"] = "read-only"  # type: ignore[index]
+
+
+def test_every_registered_event_can_be_emitted():
+    sink = io.StringIO()
+    log = EventLogger(sink=sink)
+    for name in EVENTS:
+        log.info(name)
+    assert [line["event"] for line in parse_lines(sink.getvalue())] == list(EVENTS)
 
 
 def test_global_structlog_config_does_not_reach_our_lines():

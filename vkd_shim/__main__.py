@@ -2,6 +2,6 @@
 
 import sys
 
-from vkd_shim.cli import shim_main
+from vkd_shim.doctor import main
 
-sys.exit(shim_main())
+sys.exit(main())

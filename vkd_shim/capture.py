@@ -12,10 +12,13 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
+
+from vkd_shim.errors import CaptureError, RoleUnknownError, TargetResolutionError
 
 STUDENT = "student"
 TEACHER = "teacher"
@@ -23,7 +26,12 @@ ROLES = (STUDENT, TEACHER)
 
 MERGER = "merger"
 DEEPSTACK = "deepstack"
-KINDS = (MERGER, DEEPSTACK)
+#: The ViT's output as it enters the merger (the patch embeddings after the ViT blocks): the merger's
+#: input, read by a forward pre-hook on it, so it costs no extra compute.
+VIT = "vit"
+KINDS = (MERGER, DEEPSTACK, VIT)
+#: Kinds whose features are a module's input, not its output.
+_INPUT_KINDS = (VIT,)
 
 # Tried after ms-swift's declared aligner paths: the Qwen-VL layout of transformers >= 4.52
 # (`model.visual`), then the older one where the vision tower hangs off the top-level model.
@@ -33,16 +41,18 @@ _FALLBACK_PATHS = {
 }
 
 
-class TargetResolutionError(LookupError):
-    """A requested aligner target does not exist on this model (architecture, path or layer)."""
+class Target(NamedTuple):
+    """One captured aligner output: a kind and, for deepstack, the index into deepstack_merger_list.
 
+    Capture, loss and runtime key everything by this value; ``name`` is only for metrics and events.
+    """
 
-class CaptureError(RuntimeError):
-    """Capture was misused or recorded something it cannot attribute or read."""
+    kind: str
+    index: int | None = None
 
-
-class RoleUnknownError(CaptureError):
-    """A module shared by student and teacher fired while no role was set."""
+    @property
+    def name(self) -> str:
+        return self.kind if self.index is None else f"{self.kind}_{self.index}"
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -73,9 +83,7 @@ def _lookup(root: nn.Module, path: str) -> nn.Module | None:
         return None
 
 
-def _pick(
-    candidates: list[tuple[str, nn.Module]], kind: str, root: nn.Module
-) -> tuple[str, nn.Module] | None:
+def _pick(candidates: list[tuple[str, nn.Module]], kind: str, root: nn.Module) -> tuple[str, nn.Module] | None:
     """One declared path per kind; with several (omni models also declare audio projectors),
     the one named like a merger wins, and a tie is refused rather than guessed."""
     if len(candidates) <= 1:
@@ -103,7 +111,7 @@ def _locate(root: nn.Module, aligner: Sequence[str] | None) -> dict[str, tuple[s
             declared[DEEPSTACK if isinstance(module, nn.ModuleList) else MERGER].append((path, module))
 
     found: dict[str, tuple[str, nn.Module] | None] = {}
-    for kind in KINDS:
+    for kind in (MERGER, DEEPSTACK):
         found[kind] = _pick(declared[kind], kind, root)
         if found[kind] is None:
             for path in _FALLBACK_PATHS[kind]:
@@ -114,9 +122,7 @@ def _locate(root: nn.Module, aligner: Sequence[str] | None) -> dict[str, tuple[s
     return found
 
 
-def _describe(
-    root: nn.Module, found: dict[str, tuple[str, nn.Module] | None], aligner: Sequence[str] | None
-) -> str:
+def _describe(root: nn.Module, found: dict[str, tuple[str, nn.Module] | None], aligner: Sequence[str] | None) -> str:
     merger = found[MERGER]
     deepstack = found[DEEPSTACK]
     has = f"merger at {merger[0]!r}" if merger else "no merger"
@@ -126,13 +132,24 @@ def _describe(
     return f"{type(root).__name__} has {has} and {count} deepstack mergers{where} (searched {searched})"
 
 
+def vision_tower(model: nn.Module, aligner: Sequence[str] | None = None) -> nn.Module | None:
+    """The module holding the merger (``model.visual``): everything the captured outputs depend on."""
+    root = unwrap(model)
+    found = _locate(root, aligner)
+    located = found[MERGER] or found[DEEPSTACK]
+    if located is None:
+        return None
+    parent = located[0].rpartition(".")[0]
+    return _lookup(root, parent) if parent else root
+
+
 def resolve_targets(
     model: nn.Module,
     kinds: Iterable[str],
     deepstack_layers: Sequence[int] | None = None,
     aligner: Sequence[str] | None = None,
-) -> dict[str, nn.Module]:
-    """Map target names ("merger", "deepstack_<i>") to the modules whose outputs are captured.
+) -> dict[Target, nn.Module]:
+    """Map each :class:`Target` to the module whose output is captured.
 
     `deepstack_layers` indexes `deepstack_merger_list` (None: every entry); `aligner` is
     ms-swift's declared aligner paths for the architecture. Anything requested but absent raises,
@@ -147,11 +164,12 @@ def resolve_targets(
         )
 
     found = _locate(root, aligner)
-    targets: dict[str, nn.Module] = {}
-    if MERGER in wanted:
-        if found[MERGER] is None:
-            raise TargetResolutionError(f"requested target 'merger' but {_describe(root, found, aligner)}")
-        targets[MERGER] = found[MERGER][1]
+    targets: dict[Target, nn.Module] = {}
+    for kind in (MERGER, VIT):
+        if kind in wanted:
+            if found[MERGER] is None:
+                raise TargetResolutionError(f"requested target {kind!r} but {_describe(root, found, aligner)}")
+            targets[Target(kind)] = found[MERGER][1]
     if DEEPSTACK in wanted:
         deepstack = found[DEEPSTACK]
         if deepstack is None or len(deepstack[1]) == 0:
@@ -163,7 +181,7 @@ def resolve_targets(
                     f"requested deepstack layer {index!r} but {_describe(root, found, aligner)}; "
                     f"valid layers are 0..{size - 1}"
                 )
-            targets[f"{DEEPSTACK}_{index}"] = deepstack[1][index]
+            targets[Target(DEEPSTACK, index)] = deepstack[1][index]
     return targets
 
 
@@ -176,9 +194,9 @@ class _Store:
         self.clear()
 
     def clear(self) -> None:
-        self.features: dict[tuple[str, str], list[torch.Tensor]] = {}
-        self.unattributed: dict[str, int] = {}
-        self.unreadable: dict[tuple[str, str], str] = {}
+        self.features: dict[tuple[str, Target], list[torch.Tensor]] = {}
+        self.unattributed: dict[Target, int] = {}
+        self.unreadable: dict[tuple[str, Target], str] = {}
 
 
 def _as_tensor(output: object) -> torch.Tensor | None:
@@ -190,9 +208,12 @@ def _as_tensor(output: object) -> torch.Tensor | None:
     return None
 
 
-def _record(
-    store: _Store, target: str, owner: str | None, module: nn.Module, args: object, output: object
-) -> None:
+def _record_input(store: _Store, target: Target, owner: str | None, module: nn.Module, args: tuple) -> None:
+    """Forward pre-hook: the module's first input is the feature (the ViT output entering the merger)."""
+    _record(store, target, owner, module, args, args[0] if args else None)
+
+
+def _record(store: _Store, target: Target, owner: str | None, module: nn.Module, args: object, output: object) -> None:
     """Forward hook. `owner` is the role of an unshared module; shared modules read the store's.
 
     Never raises into the model's forward: problems are kept and surface from `take()`.
@@ -237,12 +258,12 @@ class FeatureCapture:
         if list(teacher_targets) != list(student_targets):
             architectures = f"{type(unwrap(student)).__name__} vs {type(unwrap(teacher)).__name__}"
             raise TargetResolutionError(
-                f"student targets {list(student_targets)} differ from teacher targets "
-                f"{list(teacher_targets)} ({architectures})"
+                f"student targets {[t.name for t in student_targets]} differ from teacher targets "
+                f"{[t.name for t in teacher_targets]} ({architectures})"
             )
         self._targets = tuple(student_targets)
         self._shared = all(student_targets[name] is teacher_targets[name] for name in self._targets)
-        self._plan: list[tuple[nn.Module, str, str | None]] = []
+        self._plan: list[tuple[nn.Module, Target, str | None]] = []
         for name in self._targets:
             if student_targets[name] is teacher_targets[name]:
                 self._plan.append((student_targets[name], name, None))
@@ -253,8 +274,8 @@ class FeatureCapture:
         self._handles: list[RemovableHandle] = []
 
     @property
-    def targets(self) -> tuple[str, ...]:
-        """Target names in resolution order ("merger" first, then deepstack layers)."""
+    def targets(self) -> tuple[Target, ...]:
+        """Targets in resolution order (merger first, then deepstack layers)."""
         return self._targets
 
     @property
@@ -271,8 +292,12 @@ class FeatureCapture:
         if self._handles:
             return
         for module, target, owner in self._plan:
-            hook = functools.partial(_record, self._store, target, owner)
-            self._handles.append(module.register_forward_hook(hook))
+            if target.kind in _INPUT_KINDS:
+                hook = functools.partial(_record_input, self._store, target, owner)
+                self._handles.append(module.register_forward_pre_hook(hook))
+            else:
+                hook = functools.partial(_record, self._store, target, owner)
+                self._handles.append(module.register_forward_hook(hook))
 
     def detach(self) -> None:
         """Remove every hook and drop anything recorded; the model is left as it was."""
@@ -313,11 +338,11 @@ class FeatureCapture:
             self._store.role = previous
 
     @property
-    def calls(self) -> dict[tuple[str, str], int]:
+    def calls(self) -> dict[tuple[str, Target], int]:
         """(role, target) -> hook calls recorded in this window (one per vision-tower call)."""
         return {key: len(chunks) for key, chunks in self._store.features.items()}
 
-    def take(self) -> dict[str, dict[str, torch.Tensor]]:
+    def take(self) -> dict[str, dict[Target, torch.Tensor]]:
         """role -> target -> features of every call in this window, concatenated in call order.
 
         Returns references (student ones carry their graph); the window exit drops the store's.
@@ -327,14 +352,16 @@ class FeatureCapture:
             raise CaptureError("FeatureCapture.take() called outside a window; nothing is recorded there")
         if store.unattributed:
             raise RoleUnknownError(
-                f"shared aligner modules fired with no role set (target -> calls: {store.unattributed}); "
+                "shared aligner modules fired with no role set (target -> calls: "
+                f"{ {t.name: n for t, n in store.unattributed.items()} }); "
                 "wrap student and teacher forwards in FeatureCapture.role(...)"
             )
         if store.unreadable:
             raise CaptureError(
-                f"aligner outputs that are neither a tensor nor a tuple/list led by one: {store.unreadable}"
+                "aligner outputs that are neither a tensor nor a tuple/list led by one: "
+                f"{ {f'{role}/{t.name}': kind for (role, t), kind in store.unreadable.items()} }"
             )
-        taken: dict[str, dict[str, torch.Tensor]] = {}
+        taken: dict[str, dict[Target, torch.Tensor]] = {}
         for role in ROLES:
             for target in self._targets:
                 chunks = store.features.get((role, target))

@@ -149,5 +149,37 @@ def for_version(version: str | None) -> SwiftLayout:
     return LAYOUTS[0]
 
 
+def layout_reason(version: str | None) -> str:
+    """Why :func:`for_version` picked the layout it picked, for the doctor and the activate event."""
+    layout = for_version(version)
+    if version and layout.matches(version):
+        return f"ms-swift {version} is in the {layout.series}.x series"
+    if version and layout.series.split(".")[0] == version.split(".")[0]:
+        return f"ms-swift {version} is untested; {layout.series} is the newest layout of its major version"
+    return f"ms-swift {version or '(not installed)'} is untested; {layout.series} is the newest layout"
+
+
 def supported_text() -> str:
     return ", ".join(f"{series}.x" for series in SUPPORTED)
+
+
+def hook_modules() -> tuple[str, ...]:
+    """Every module whose import must reach the shim: ``swift`` itself (version guard), then each
+    layout's patch-point modules. Hooks are registered for all releases; only the installed one's
+    modules can ever be imported, and an import that fires a hook costs nothing until it does."""
+    return tuple(dict.fromkeys(("swift", *(module for layout in LAYOUTS for module in layout.modules))))
+
+
+def installed() -> SwiftLayout:
+    """The layout of the installed (or already imported) ms-swift."""
+    return for_version(installed_version())
+
+
+def version_problem(version: str | None = None) -> str | None:
+    """Why the given (default: installed) ms-swift is outside the tested matrix, or None."""
+    version = installed_version() if version is None else version
+    if not version:
+        return "ms-swift is not installed"
+    if not any(layout.matches(version) for layout in LAYOUTS):
+        return f"ms-swift {version} is outside the supported matrix ({supported_text()})"
+    return None

@@ -1,4 +1,4 @@
-"""Structured JSON events, rate limiting and a device-side metric buffer for the vision-KD shim.
+"""Structured JSON events and rate limiting for the vision-KD shim.
 
 The shim runs inside someone else's training process, so this module owns its output end to end:
 one structlog logger built with ``structlog.wrap_logger`` (processors pinned on the logger, never
@@ -19,29 +19,31 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from types import MappingProxyType
 from typing import Any, TextIO
 
 import structlog
 
-ENV_LOG_FILE = "VKD_LOG_FILE"
+from vkd_shim import env
 
 EVENTS: Mapping[str, str] = MappingProxyType(
     {
-        "vkd.activate": "bootstrap activated in this process (gate on, hooks registered)",
+        "vkd.activate": "ms-swift imported with the gate on: shim version and the layout picked, and why",
         "vkd.config": "resolved config with the source of each value (once per process)",
         "vkd.config.invalid": "config failed validation (field, source, allowed)",
         "vkd.config.note": "legal but odd config (e.g. weight 0)",
+        "vkd.disabled": "VKD_ENABLE is on but the config says enabled: false (or weight 0): no term, by decision",
         "vkd.version": "ms-swift version outside the supported matrix",
         "vkd.patch": "one per patch point: status applied|skipped|failed, target, swift_version, reason",
         "vkd.unpatch": "patches removed by deactivate()",
         "vkd.refuse": "run refused before model loading (reason, fix)",
         "vkd.attach": "capture attached to student/teacher (targets, shared modules)",
-        "vkd.aligner_frozen": "student aligner has no trainable parameters",
         "vkd.skip": "a micro-batch's term skipped (reason, e.g. shape mismatch, with both shapes)",
-        "vkd.nonfinite": "non-finite features masked or raised (step, mode, target, count)",
+        "vkd.nonfinite": "non-finite features masked or raised (step, mode, target, side, count)",
+        "vkd.no_visual": "no visual token reached the models for a stretch of steps or a whole run",
+        "vkd.summary": "end of training: steps with the term, skipped steps by reason, visual tokens, mean per target",
         "vkd.log_file_error": "VKD_LOG_FILE could not be opened or written; lines go to stderr from then on",
     }
 )
@@ -244,7 +246,7 @@ class EventLogger:
 
     def __init__(self, sink: TextIO | None = None, path: str | None = None) -> None:
         if sink is None and path is None:
-            path = os.environ.get(ENV_LOG_FILE) or None
+            path = os.environ.get(env.LOG_FILE) or None
         self._sink = _LineSink(sink, path)
         self._context: dict[str, Any] = {}
         self._log = structlog.wrap_logger(
@@ -267,6 +269,9 @@ class EventLogger:
         self._log = self._log.bind(**ctx)
 
     def event(self, name: str, level: str = "info", **fields: Any) -> None:
+        if name not in EVENTS:
+            # A programming error, not a data problem: a test reads every emitted name against EVENTS.
+            raise ValueError(f"unregistered vision-KD event {name!r}; add it to telemetry.EVENTS")
         fields = _unreserve(fields)
         normalized = "warning" if level == "warn" else level
         if normalized not in _LEVELS:
@@ -349,49 +354,3 @@ class RateLimiter:
             return True, suppressed
         state[1] += 1
         return False, int(state[1])
-
-
-class MetricBuffer:
-    """Holds per-micro-step values on device and hands them to the trainer's metrics only at log time,
-    because ms-swift's MeanMetric.update calls .item() (a host sync) on every call."""
-
-    def __init__(self) -> None:
-        self._modes: dict[str, dict[str, list[Any]]] = {}
-
-    def add(self, mode: str, key: str, value: Any) -> None:
-        """Add one micro-step value: a 0-d tensor stays on its device (detached, fp32), or a number."""
-        if hasattr(value, "detach"):
-            if value.ndim != 0:
-                raise ValueError(
-                    f"MetricBuffer.add({mode!r}, {key!r}) takes a 0-d tensor or a number, "
-                    f"got a tensor of shape {tuple(value.shape)}"
-                )
-            # Detached so no autograd graph outlives the step; fp32 so bf16 sums do not lose steps.
-            value = value.detach().float()
-        entry = self._modes.setdefault(mode, {}).setdefault(key, [0.0, 0])
-        entry[0] = entry[0] + value
-        entry[1] += 1
-
-    def pending(self, mode: str) -> bool:
-        return bool(self._modes.get(mode))
-
-    def flush(
-        self, mode: str, metrics: Mapping[str, Any], keys: Iterable[str]
-    ) -> dict[str, tuple[float, int]]:
-        """Move this mode's sums into ``metrics[mode][key]`` with one host conversion per key.
-
-        Every key in ``keys`` is updated, with ``[]`` when nothing was added, so all ranks touch the
-        same metrics (MeanMetric all-reduces each one at log time). ``update([mean] * count)`` adds
-        the sum and the count, so the logged value is the mean over all micro-batches of all ranks.
-        Values added under keys not in ``keys`` are discarded with the buffer.
-        """
-        buffered = self._modes.pop(mode, {})
-        table = metrics[mode]
-        result: dict[str, tuple[float, int]] = {}
-        for key in dict.fromkeys(keys):
-            total, count = buffered.get(key, (0.0, 0))
-            host = float(total)
-            mean = host / count if count else 0.0
-            table[key].update([mean] * count)
-            result[key] = (host, count)
-        return result

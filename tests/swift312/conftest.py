@@ -8,19 +8,19 @@ of ImportErrors (the 4.6 suite runs with `--ignore=tests/swift312`).
 from __future__ import annotations
 
 import pytest
-import swift312_assets
 
 from vkd_shim import swift_layouts
+from vkd_shim.testing import launch as kit
 
 _INSTALLED = swift_layouts.installed_version()
 if not swift_layouts.SWIFT_3_12.matches(_INSTALLED or ""):
     raise pytest.UsageError(
         f"tests/swift312 needs ms-swift 3.12.x (found {_INSTALLED or 'none'}): run them with "
-        ".venv312/bin/python -m pytest tests/swift312, and the rest with --ignore=tests/swift312"
+        ".venv312/bin/python -m pytest tests/swift312 (pyproject.toml keeps it out of the default run)"
     )
 
 
 @pytest.fixture(scope="session")
 def assets_312(tmp_path_factory) -> dict:
-    """Teacher and student saved for transformers 4.57, with tiny_assets' image / video / text data."""
-    return swift312_assets.build_all(tmp_path_factory.mktemp("assets_312"))
+    """Teacher and student saved the way transformers 4.57 reads them (the kit follows the installed stack)."""
+    return kit.build_all(tmp_path_factory.mktemp("assets_312"))

@@ -11,10 +11,11 @@ stated with 4.57's API.
 from __future__ import annotations
 
 import pytest
-import tiny_models
 import torch
 
 from vkd_shim.capture import STUDENT, TEACHER, FeatureCapture
+from vkd_shim.testing import inputs as kit_inputs
+from vkd_shim.testing import models
 
 KINDS = ("merger", "deepstack")
 TARGETS = ["merger", "deepstack_0", "deepstack_1"]
@@ -22,12 +23,12 @@ TARGETS = ["merger", "deepstack_0", "deepstack_1"]
 
 @pytest.fixture(scope="module")
 def student():
-    return tiny_models.build_qwen3_vl(seed=0)
+    return models.build_qwen3_vl(seed=0)
 
 
 @pytest.fixture(scope="module")
 def teacher():
-    return tiny_models.build_qwen3_vl(seed=1)
+    return models.build_qwen3_vl(seed=1)
 
 
 @pytest.fixture
@@ -46,7 +47,7 @@ def image_features_457(model, vision: dict) -> dict[str, torch.Tensor]:
 
 
 def test_tower_returns_a_tuple_and_the_aligner_returns_tensors(student):
-    vision = tiny_models.vision_inputs(student.config, n_images=1, seed=3)
+    vision = kit_inputs.vision_inputs(student.config, n_images=1, seed=3)
     outputs = {}
     handles = [
         module.register_forward_hook(lambda m, a, out, name=name: outputs.__setitem__(name, out))
@@ -67,7 +68,7 @@ def test_tower_returns_a_tuple_and_the_aligner_returns_tensors(student):
 
 
 def test_full_forward_captures_exactly_what_the_language_model_receives(student, teacher, capture):
-    inputs = tiny_models.forward_inputs(student.config, n_images=2, seed=5)
+    inputs = kit_inputs.forward_inputs(student.config, n_images=2, seed=5)
     inputs.pop("mm_token_type_ids")  # a 5.x input; 4.57 derives the types from the token ids
     with capture.window(), torch.no_grad():
         student(**inputs)
@@ -79,12 +80,12 @@ def test_full_forward_captures_exactly_what_the_language_model_receives(student,
         assert list(taken[role]) == TARGETS
         for target in TARGETS:
             assert torch.equal(taken[role][target], expected[target]), (role, target)
-    tokens = tiny_models.merged_tokens(student.config, vision["image_grid_thw"])
+    tokens = kit_inputs.merged_tokens(student.config, vision["image_grid_thw"])
     assert taken[STUDENT]["merger"].shape == (tokens, student.config.vision_config.out_hidden_size)
 
 
 def test_generate_outside_the_window_records_nothing(student, teacher, capture):
-    inputs = tiny_models.forward_inputs(student.config, n_images=1, seed=6)
+    inputs = kit_inputs.forward_inputs(student.config, n_images=1, seed=6)
     for key in ("mm_token_type_ids", "labels"):
         inputs.pop(key)
     with torch.no_grad():

@@ -19,11 +19,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import swift312_assets
-import tiny_assets
 import yaml
 
 from vkd_shim.bootstrap import BOOTSTRAP_DIR
+from vkd_shim.testing import launch as kit
 
 pytestmark = pytest.mark.e2e
 
@@ -35,8 +34,8 @@ THREE_STEPS = ("--max_steps", "3", "--save_strategy", "no")
 
 
 def swift_env(cache: Path, **extra: str | os.PathLike[str]) -> dict:
-    """tiny_assets' offline single-process env, minus anything of ours the test process may carry."""
-    env = tiny_assets.gkd_env(cache_dir=cache)
+    """the kit's offline single-process env, minus anything of ours the test process may carry."""
+    env = kit.gkd_env(cache_dir=cache)
     for name in [k for k in env if k.startswith("VKD_")] + ["PYTHONPATH"]:
         env.pop(name, None)
     env.update({name: str(value) for name, value in extra.items()})
@@ -66,18 +65,16 @@ def test_vkd_run_with_inline_config_block_logs_the_weighted_term(assets_312, tmp
     block = {"weight": 0.5, "targets": {"merger": 1.0, "deepstack": 0.5}}
     config.write_text(yaml.safe_dump({"custom": {"visual_kd": block}}), encoding="utf-8")
     events_file, out = tmp_path / "events.jsonl", tmp_path / "out"
-    argv = swift312_assets.gkd_command(assets_312, out, *THREE_STEPS, "--eval_steps", "3", "--config", config)
+    argv = kit.gkd_command(assets_312, out, *THREE_STEPS, "--eval_steps", "3", "--config", config)
     launch([VKD_RUN, "--log-file", events_file, *argv], swift_env(tmp_path_factory.mktemp("cache")))
 
-    rows = tiny_assets.read_logging_jsonl(out)
+    rows = kit.read_logging_jsonl(out)
     train = {step_of(r): r for r in rows if "loss" in r}
     assert sorted(train) == [1, 2, 3]
     for row in train.values():  # every step of this seed has an image or a video in it
         per_target = {t: row[f"vision_kd/{t}"] for t in TARGETS}
         assert all(math.isfinite(v) and v > 0 for v in per_target.values()), row
-        weighted = 0.5 * (
-            per_target["merger"] + 0.5 * (per_target["deepstack_0"] + per_target["deepstack_1"])
-        )
+        weighted = 0.5 * (per_target["merger"] + 0.5 * (per_target["deepstack_0"] + per_target["deepstack_1"]))
         assert row["vision_kd_loss"] == pytest.approx(weighted, rel=1e-4)
         assert row["vision_kd/tokens"] > 0 and row["vision_kd/skipped"] == 0
     (evaluated,) = [r for r in rows if "eval_loss" in r]
@@ -108,7 +105,7 @@ def test_switched_off_and_weight_zero_train_identically(assets_312, tmp_path_fac
     config.write_text(yaml.safe_dump({"custom": {"visual_kd": {"weight": 0}}}), encoding="utf-8")
     extra = (*THREE_STEPS, "--eval_strategy", "no")
     launch(
-        swift312_assets.gkd_command(assets_312, outs["gate_off"], *extra),
+        kit.gkd_command(assets_312, outs["gate_off"], *extra),
         swift_env(cache, PYTHONPATH=BOOTSTRAP_DIR, VKD_LOG_FILE=logs["gate_off"]),
     )
     launch(
@@ -118,13 +115,13 @@ def test_switched_off_and_weight_zero_train_identically(assets_312, tmp_path_fac
             config,
             "--log-file",
             logs["weight_0"],
-            *swift312_assets.gkd_command(assets_312, outs["weight_0"], *extra),
+            *kit.gkd_command(assets_312, outs["weight_0"], *extra),
         ],
         swift_env(cache),
     )
 
     def trajectory(out: Path) -> list[tuple]:
-        rows = [r for r in tiny_assets.read_logging_jsonl(out) if "loss" in r]
+        rows = [r for r in kit.read_logging_jsonl(out) if "loss" in r]
         assert not [k for r in rows for k in r if k.startswith("vision_kd")]
         return [(step_of(r), r["loss"], r["grad_norm"], r["learning_rate"]) for r in rows]
 

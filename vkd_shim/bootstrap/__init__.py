@@ -1,46 +1,49 @@
 """Env-gated activation: the only vkd_shim code that runs in every Python process.
 
-With ``VKD_ENABLE`` unset (or not truthy) :func:`boot` reads one environment variable and
-returns; nothing else is imported. When it is on, post-import hooks are registered *by name*
-on the ms-swift modules that :mod:`vkd_shim.patches` wraps, so ms-swift, torch and the shim's
-heavy modules load only in processes that import ms-swift, and in the order ms-swift chooses.
+Stdlib only until the gate is on. With ``VKD_ENABLE`` unset the sitecustomize files chain to the
+user's own ``sitecustomize`` and return; nothing else is imported. When it is on, post-import hooks
+are registered on the module names :mod:`vkd_shim.swift_layouts` lists, so ms-swift, torch and the
+shim's heavy modules load only in processes that import ms-swift, in the order ms-swift chooses.
 
-This directory doubles as the bootstrap directory that ``vkd-run`` puts first on
-``PYTHONPATH``: its ``sitecustomize.py`` runs at interpreter start-up in every re-exec'd
-``swift`` process and every torchrun worker.
+This directory doubles as the bootstrap directory that ``vkd-run`` puts first on ``PYTHONPATH``: its
+``sitecustomize.py`` runs at interpreter start-up in every re-exec'd ``swift`` process and every
+torchrun worker.
 """
 
 import os
 import sys
 
-ENV_ENABLE = "VKD_ENABLE"
-TRUTHY = frozenset(("1", "true", "yes", "on"))
-BOOTSTRAP_DIR = os.path.dirname(os.path.abspath(__file__))
-
-#: (module whose import fires the hook, the hook named as "module:function"), for the modules of
-#: every ms-swift release in vkd_shim.swift_layouts (4.6, then 3.12); only the installed one's import.
-HOOKS = (
-    ("swift", "vkd_shim.patches:on_swift"),
-    ("swift.cli.main", "vkd_shim.patches:on_cli_main"),
-    ("swift.pipelines.train.rlhf", "vkd_shim.patches:on_rlhf_pipeline"),
-    ("swift.rlhf_trainers.gkd_trainer", "vkd_shim.patches:on_gkd_trainer"),
-    ("swift.megatron.pipelines.train.rlhf", "vkd_shim.patches:on_megatron_rlhf"),
-    ("swift.llm.train.rlhf", "vkd_shim.patches:on_rlhf_pipeline"),
-    ("swift.trainers.rlhf_trainer.gkd_trainer", "vkd_shim.patches:on_gkd_trainer"),
-    ("swift.megatron.train.rlhf", "vkd_shim.patches:on_megatron_rlhf"),
-)
+BOOTSTRAP_DIR = os.path.dirname(os.path.abspath(__file__))  # == vkd_shim.env.bootstrap_dir()
 
 _active = False
 _registered = False
-#: Errors met while activating (config invalid, a hook that could not load): published, not raised,
-#: because CPython turns an exception escaping sitecustomize into one easily missed stderr line.
+#: Errors met while activating (a switch value that is neither on nor off, a hook that could not
+#: load): published, not raised, because CPython turns an exception escaping sitecustomize into one
+#: easily missed stderr line. :mod:`vkd_shim.patches` raises them from the first wrapper it owns.
 errors: list = []
 
 
-def enabled(environ=None) -> bool:
-    """The gate: one lookup, no imports."""
-    value = (os.environ if environ is None else environ).get(ENV_ENABLE, "")
-    return value.strip().lower() in TRUTHY
+def chain_user_sitecustomize(own_file: str) -> None:
+    """Import the ``sitecustomize`` that ``own_file`` hides: only one module of that name runs.
+
+    ``own_file``'s directory leaves ``sys.path`` while the next one is found, and comes back after.
+    """
+    own_dir = os.path.dirname(os.path.abspath(own_file))
+    own = sys.modules.pop("sitecustomize", None)
+    saved_path = sys.path[:]
+    sys.path[:] = [p for p in saved_path if os.path.abspath(p or os.curdir) != own_dir]
+    try:
+        __import__("sitecustomize")
+    except Exception as exc:
+        if not (isinstance(exc, ImportError) and exc.name == "sitecustomize"):
+            import traceback
+
+            sys.stderr.write("Error in the user's sitecustomize (chained by vkd_shim):\n")
+            traceback.print_exc()
+    finally:
+        sys.path[:] = saved_path
+    if own is not None:
+        sys.modules.setdefault("sitecustomize", own)
 
 
 def is_active() -> bool:
@@ -48,9 +51,19 @@ def is_active() -> bool:
 
 
 def boot() -> bool:
-    """Activate when the environment asks for it; the entry point of every sitecustomize."""
-    if not enabled():
-        return False
+    """Activate when the environment asks for it; the entry point of every sitecustomize.
+
+    A ``VKD_ENABLE`` that is neither on nor off activates too, carrying the error: the run that
+    meant to ask for vision KD then stops in ms-swift's first process with the allowed values.
+    """
+    from vkd_shim import env
+    from vkd_shim.errors import ConfigError
+
+    try:
+        if not env.gate():
+            return False
+    except ConfigError as exc:
+        errors.append(exc)
     return activate()
 
 
@@ -60,19 +73,20 @@ def activate() -> bool:
     if _active:
         return False
     _active = True
+    from vkd_shim import swift_layouts
+
+    modules = swift_layouts.hook_modules()
     if _registered:
         # Hooks stay registered after deactivate(); re-apply to modules imported meanwhile.
-        for module_name, target in HOOKS:
-            module = sys.modules.get(module_name)
-            if module is not None:
-                _deferred(target)(module)
+        for name in modules:
+            if name in sys.modules:
+                _on_import(sys.modules[name])
     else:
         from wrapt.importer import register_post_import_hook
 
         _registered = True
-        for module_name, target in HOOKS:
-            register_post_import_hook(_deferred(target), module_name)
-    _check_config()
+        for name in modules:
+            register_post_import_hook(_on_import, name)
     return True
 
 
@@ -88,38 +102,41 @@ def deactivate() -> bool:
     return True
 
 
-def _deferred(target: str):
-    """A post-import hook that loads ``target`` only when it fires, and never raises.
+def _on_import(module) -> None:
+    """The one post-import hook: loads :mod:`vkd_shim.patches` only when it fires, and never raises.
 
-    An exception escaping a post-import hook fails the user's own import (wrapt documents
-    this), so failures are recorded and printed; :mod:`vkd_shim.patches` raises them later
-    from code the shim owns, where stopping the run is the right outcome.
+    An exception escaping a post-import hook fails the user's own import (wrapt documents this), so
+    failures are recorded and printed; patches raises them later from code the shim owns.
     """
-
-    def hook(module) -> None:
-        if not _active:
-            return
-        try:
-            import importlib
-
-            module_name, function = target.split(":")
-            getattr(importlib.import_module(module_name), function)(module)
-        except Exception as exc:
-            _report(f"vision KD cannot patch {module.__name__} ({target}): {exc!r}")
-
-    return hook
-
-
-def _check_config() -> None:
-    """Validate the config up front so a typo shows in the first process, as one line."""
+    if not _active:
+        return
     try:
-        from vkd_shim import config
+        from vkd_shim import patches
 
-        config.resolve()
+        patches.on_import(module, errors)
     except Exception as exc:
-        _report(f"invalid vision-KD config, training with VKD_ENABLE=1 will refuse to start: {exc}")
+        message = f"vision KD cannot patch {module.__name__}: {exc!r}"
+        errors.append(message)
+        sys.stderr.write(f"vkd_shim: ERROR: {message}\n")
 
 
-def _report(message: str) -> None:
-    errors.append(message)
-    sys.stderr.write(f"vkd_shim: WARNING: {message}\n")
+def hint_inline_block(argv: list) -> None:
+    """With the switch off, say why ms-swift is about to reject a YAML's ``custom:`` block.
+
+    ms-swift turns ``custom:`` into ``--custom`` and fails with "ambiguous option"; only the shim
+    takes the block out. Reads the YAML as text (no parser, nothing patched), in ``swift`` CLI
+    processes only.
+    """
+    for item in argv[1:3]:
+        if item.endswith((".yaml", ".yml")) and os.path.isfile(item):
+            try:
+                with open(item, encoding="utf-8") as handle:
+                    text = handle.read()
+            except (OSError, UnicodeDecodeError):
+                return
+            if "visual_kd" in text and "custom" in text:
+                sys.stderr.write(
+                    f"vkd_shim: {item} holds a custom.visual_kd block but VKD_ENABLE is not set, so nothing "
+                    "takes it out and ms-swift will reject --custom; run through vkd-run, or export VKD_ENABLE=1\n"
+                )
+            return

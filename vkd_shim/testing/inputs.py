@@ -1,120 +1,16 @@
-"""Tiny, real Qwen-VL models and matching inputs for CPU tests.
-
-The models are the real transformers classes with toy dimensions, so module paths, hook
-behaviour and forward wiring are exactly those of production checkpoints. Vocabulary size and
-special-token ids are Qwen's real ones because ms-swift's templates hard-code those ids.
-"""
+"""Model inputs for in-memory forwards of the tiny models: pixels, grids and prompts with the exact
+number of image and video pads, laid out as the Qwen processors lay them out."""
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
-from transformers import (
-    Qwen2_5_VLConfig,
-    Qwen2_5_VLForConditionalGeneration,
-    Qwen3VLConfig,
-    Qwen3VLForConditionalGeneration,
-)
 
-VOCAB_SIZE = 151936
-VISION_START_ID = 151652
-VISION_END_ID = 151653
-IMAGE_PAD_ID = 151655
-VIDEO_PAD_ID = 151656
+from vkd_shim.testing.models import IMAGE_PAD_ID, VIDEO_PAD_ID, VISION_END_ID, VISION_START_ID
+
 # Plain text ids well below the special-token range, so random prompts never contain a pad.
 TEXT_ID_RANGE = (100, 5000)
-
-_SPECIAL_IDS = {
-    "image_token_id": IMAGE_PAD_ID,
-    "video_token_id": VIDEO_PAD_ID,
-    "vision_start_token_id": VISION_START_ID,
-    "vision_end_token_id": VISION_END_ID,
-}
-
-_QWEN3_VL_TEXT = {
-    "vocab_size": VOCAB_SIZE,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 16,
-    "max_position_embeddings": 4096,
-    "rope_scaling": {"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True},
-    "tie_word_embeddings": True,
-}
-
-_QWEN3_VL_VISION = {
-    "depth": 3,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_heads": 2,
-    "out_hidden_size": 64,
-    "patch_size": 16,
-    "spatial_merge_size": 2,
-    "temporal_patch_size": 2,
-    "num_position_embeddings": 64,
-    "deepstack_visual_indexes": [0, 1],
-}
-
-_QWEN2_5_VL_TEXT = {
-    "vocab_size": VOCAB_SIZE,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 4096,
-    "rope_scaling": {"rope_type": "default", "mrope_section": [2, 3, 3]},
-}
-
-# window_size 112 px = 4 merged tokens per side at patch 14 / merge 2: a 56x56 image fits in one
-# window, so Qwen2.5-VL's window reordering is the identity for the default test image.
-_QWEN2_5_VL_VISION = {
-    "depth": 2,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_heads": 2,
-    "out_hidden_size": 64,
-    "patch_size": 14,
-    "spatial_merge_size": 2,
-    "temporal_patch_size": 2,
-    "window_size": 112,
-    "fullatt_block_indexes": [1],
-}
-
-
-def qwen3_vl_config(**overrides: Any) -> Qwen3VLConfig:
-    """Tiny Qwen3-VL config; `text_config` / `vision_config` overrides merge into the defaults."""
-    text = {**copy.deepcopy(_QWEN3_VL_TEXT), **overrides.pop("text_config", {})}
-    vision = {**copy.deepcopy(_QWEN3_VL_VISION), **overrides.pop("vision_config", {})}
-    return Qwen3VLConfig(text_config=text, vision_config=vision, **{**_SPECIAL_IDS, **overrides})
-
-
-def build_qwen3_vl(
-    seed: int = 0, dtype: torch.dtype = torch.float32, config: Qwen3VLConfig | None = None
-) -> Qwen3VLForConditionalGeneration:
-    """Random-init tiny Qwen3-VL in eval mode; the seed makes two builds bit-identical."""
-    torch.manual_seed(seed)
-    model = Qwen3VLForConditionalGeneration(config if config is not None else qwen3_vl_config())
-    return model.to(dtype).eval()
-
-
-def qwen2_5_vl_config() -> Qwen2_5_VLConfig:
-    """Tiny Qwen2.5-VL config: a merger but no deepstack, for the "architecture lacks it" paths."""
-    return Qwen2_5_VLConfig(
-        text_config=copy.deepcopy(_QWEN2_5_VL_TEXT),
-        vision_config=copy.deepcopy(_QWEN2_5_VL_VISION),
-        **_SPECIAL_IDS,
-    )
-
-
-def build_qwen2_5_vl(seed: int = 0) -> Qwen2_5_VLForConditionalGeneration:
-    """Random-init tiny Qwen2.5-VL in eval mode."""
-    torch.manual_seed(seed)
-    return Qwen2_5_VLForConditionalGeneration(qwen2_5_vl_config()).eval()
 
 
 def _patch_grid(vision_config: Any, frames: int, hw: tuple[int, int]) -> tuple[int, int, int]:
@@ -145,9 +41,7 @@ def vision_inputs(
     model_config: Any, n_images: int = 1, image_hw: tuple[int, int] = (64, 64), seed: int = 0
 ) -> dict[str, torch.Tensor]:
     """`pixel_values` + `image_grid_thw` for `n_images` still images (one temporal patch each)."""
-    pixels, grid = _pixels(
-        model_config, n_images, model_config.vision_config.temporal_patch_size, image_hw, seed
-    )
+    pixels, grid = _pixels(model_config, n_images, model_config.vision_config.temporal_patch_size, image_hw, seed)
     return {"pixel_values": pixels, "image_grid_thw": grid}
 
 
@@ -212,9 +106,7 @@ def token_inputs(
     }
 
 
-def forward_inputs(
-    model_config: Any, n_images: int = 1, n_videos: int = 0, seed: int = 0
-) -> dict[str, torch.Tensor]:
+def forward_inputs(model_config: Any, n_images: int = 1, n_videos: int = 0, seed: int = 0) -> dict[str, torch.Tensor]:
     """Everything `model(**inputs)` needs for a full multimodal forward with labels."""
     inputs: dict[str, torch.Tensor] = {}
     if n_images:

@@ -1,0 +1,176 @@
+"""Every refusal that the arguments and the models' ``config.json`` files can decide, before any load.
+
+One function, :func:`check`, answers for both callers: the run (``SwiftRLHF._prepare_model_tokenizer``,
+which stops at the first refusal) and ``vkd-shim doctor`` (which lists them all). Keeping the two on one
+function is what makes the doctor's verdict the run's verdict. A mistake found here costs seconds;
+found after loading a 4B/8B pair it costs minutes to hours.
+
+Stdlib only: the arguments are read by attribute name (ms-swift's ``RLHFArguments`` after parsing), the
+models by their ``config.json``, never their weights (ZeRO-3 partitions those).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, NamedTuple
+
+from vkd_shim.config import VisualKDConfig
+
+RELATION_DISTANCES = ("relation",)
+
+
+class Refusal(NamedTuple):
+    reason: str
+    fix: str
+
+
+REMOTE_TEACHER = Refusal(
+    "a remote teacher (teacher_model_server) returns logits only: no aligner features exist",
+    "use a local --teacher_model, or unset VKD_ENABLE",
+)
+NO_TEACHER = Refusal(
+    "no --teacher_model: the teacher is the student's own weights, so the term is zero by construction",
+    "pass --teacher_model (the frozen Stage-2 model), or unset VKD_ENABLE",
+)
+FROZEN_VISION = Refusal(
+    "nothing upstream of the captured aligner outputs is trainable (the aligner and the ViT are both frozen,"
+    " ms-swift's defaults): the term would be a constant that moves nothing",
+    "pass --freeze_aligner false (and/or --freeze_vit false), or unset VKD_ENABLE",
+)
+#: Fields that decide which visual tokens an image becomes; they must agree for any distance.
+GEOMETRY = ("patch_size", "spatial_merge_size", "temporal_patch_size")
+
+
+def _model_config(path: Any) -> dict[str, Any] | None:
+    """A local model's config.json, or None (a hub id, or a directory without one)."""
+    file = os.path.join(path, "config.json") if isinstance(path, str) else ""
+    if not os.path.isfile(file):
+        return None
+    with open(file, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def _vision(document: dict[str, Any]) -> dict[str, Any] | None:
+    return document.get("vision_config") or None
+
+
+def _deepstack_count(vision: dict[str, Any]) -> int:
+    return len(vision.get("deepstack_visual_indexes") or ())
+
+
+def _training(args: Any) -> list[Refusal]:
+    out = []
+    if getattr(args, "rlhf_type", None) != "gkd":
+        out.append(
+            Refusal(f"rlhf_type is {args.rlhf_type!r}; vision KD works with --rlhf_type gkd", "unset VKD_ENABLE")
+        )
+    if getattr(args, "teacher_model_server", None):
+        out.append(REMOTE_TEACHER)
+    elif getattr(args, "teacher_model", None) is None and not getattr(args, "_teacher_use_disable_adapter", False):
+        out.append(NO_TEACHER)
+    if getattr(args, "fsdp", None):
+        out.append(Refusal("FSDP is not supported by vision KD yet", "use DeepSpeed ZeRO-2/3, or unset VKD_ENABLE"))
+    unfrozen_by_name = any(
+        getattr(args, name, None) for name in ("trainable_parameters", "trainable_parameters_regex", "target_regex")
+    )
+    if getattr(args, "freeze_aligner", False) and getattr(args, "freeze_vit", False) and not unfrozen_by_name:
+        out.append(FROZEN_VISION)
+    return out
+
+
+def _one_model(role: str, path: str, document: dict[str, Any], config: VisualKDConfig) -> list[Refusal]:
+    vision = _vision(document)
+    if vision is None:
+        return [
+            Refusal(
+                f"the {role} {path} has no vision tower (config.json has no vision_config; model_type "
+                f"{document.get('model_type')!r})",
+                "vision KD needs a Qwen3-VL (or Qwen2.5-VL) student and teacher, or unset VKD_ENABLE",
+            )
+        ]
+    if "deepstack" not in config.kinds:
+        return []
+    count = _deepstack_count(vision)
+    if count == 0:
+        return [
+            Refusal(
+                f"targets include deepstack but the {role} {path} ({document.get('model_type')}) has no deepstack"
+                " mergers (vision_config.deepstack_visual_indexes is empty or absent)",
+                "set custom.visual_kd.targets: [merger]",
+            )
+        ]
+    wrong = [layer for layer in config.deepstack_layers or () if layer >= count]
+    if wrong:
+        return [
+            Refusal(
+                f"deepstack_layers {wrong} do not exist in the {role} {path}: it has {count} deepstack mergers",
+                f"set custom.visual_kd.deepstack_layers to indices in 0..{count - 1} (or null for all)",
+            )
+        ]
+    return []
+
+
+def _pair(student: dict[str, Any], teacher: dict[str, Any], config: VisualKDConfig) -> list[Refusal]:
+    s_vision, t_vision = _vision(student), _vision(teacher)
+    out = []
+    differ = [f"{f} {s_vision.get(f)} vs {t_vision.get(f)}" for f in GEOMETRY if s_vision.get(f) != t_vision.get(f)]
+    if differ:
+        out.append(
+            Refusal(
+                f"student and teacher turn an image into different visual tokens (vision_config {', '.join(differ)})",
+                "distil between models of one family (same patch, merge and temporal patch size), or unset VKD_ENABLE",
+            )
+        )
+    if config.distance not in RELATION_DISTANCES:
+        out += _widths(s_vision, t_vision, config)
+    counts = (_deepstack_count(s_vision), _deepstack_count(t_vision))
+    if "deepstack" in config.kinds and counts[0] != counts[1] and config.deepstack_layers is None:
+        common = min(counts)
+        out.append(
+            Refusal(
+                f"student and teacher have {counts[0]} and {counts[1]} deepstack mergers: 'every deepstack"
+                " merger' pairs nothing up",
+                f"set custom.visual_kd.deepstack_layers to the indices to pair (0..{common - 1} exist in both),"
+                " or drop deepstack from targets",
+            )
+        )
+    return out
+
+
+def _widths(s_vision: dict[str, Any], t_vision: dict[str, Any], config: VisualKDConfig) -> list[Refusal]:
+    """Element-wise distances need equal widths: the aligner's output, and the ViT's for ``vit``."""
+    out = []
+    checks = [("out_hidden_size", "aligners", [k for k in config.kinds if k != "vit"])]
+    checks.append(("hidden_size", "ViTs", [k for k in config.kinds if k == "vit"]))
+    for field, what, kinds in checks:
+        widths = (s_vision.get(field), t_vision.get(field))
+        if kinds and None not in widths and widths[0] != widths[1]:
+            out.append(
+                Refusal(
+                    f"student and teacher {what} differ in width (vision_config.{field} {widths[0]} vs {widths[1]}):"
+                    f" distance {config.distance!r} compares {', '.join(kinds)} features element by element",
+                    "set custom.visual_kd.distance: relation (it compares token-to-token similarities and needs no"
+                    " equal width), or distil between models of one width",
+                )
+            )
+    return out
+
+
+def check(args: Any, config: VisualKDConfig) -> list[Refusal]:
+    """Every refusal for this run; empty when vision KD can work. Only call with ``config.active``."""
+    out = _training(args)
+    if any(r in (REMOTE_TEACHER,) for r in out):
+        return out
+    student_path = getattr(args, "model_dir", None) or getattr(args, "model", None)
+    teacher_path = getattr(args, "teacher_model", None)
+    documents = {"student": (student_path, _model_config(student_path))}
+    if teacher_path is not None:
+        documents["teacher"] = (teacher_path, _model_config(teacher_path))
+    for role, (path, document) in documents.items():
+        if document is not None:
+            out += _one_model(role, path, document, config)
+    student, teacher = (documents.get(role, (None, None))[1] for role in ("student", "teacher"))
+    if student is not None and teacher is not None and _vision(student) and _vision(teacher):
+        out += _pair(student, teacher, config)
+    return out

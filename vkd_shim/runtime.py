@@ -1,0 +1,374 @@
+"""The vision-KD state of one GKD trainer: capture around each loss call, the term, and the hand-off of
+metrics and events.
+
+Per step: open the capture window, call the original ``compute_loss``, ask :mod:`vkd_shim.loss` for
+the distance, add it (train only: ``eval_loss`` stays ms-swift's own), and keep the numbers on the
+device. Host reads happen only when the trainer logs and once at the end of training, because every
+``.item()`` on a micro-step stalls a GPU.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from vkd_shim import preflight, telemetry
+from vkd_shim.capture import STUDENT, TEACHER, VIT, FeatureCapture, resolve_targets, unwrap, vision_tower
+from vkd_shim.config import ResolvedConfig
+from vkd_shim.errors import (
+    CaptureError,
+    FeatureMismatchError,
+    NonFiniteError,
+    NoVisualTokensError,
+    RefusedError,
+    TargetResolutionError,
+)
+from vkd_shim.loss import RELATION_DISTANCES, vision_kd_loss
+from vkd_shim.swift_layouts import SwiftLayout
+
+CONFIG_FILE_NAME = "vision_kd_config.json"
+METRIC_LOSS = "vision_kd_loss"
+VISUAL_INPUT_KEYS = ("pixel_values", "pixel_values_videos")
+#: Where a patched trainer carries its vision-KD state (an instance attribute, so the class is untouched).
+STATE_ATTR = "_vkd"
+
+
+def state_of(trainer: Any) -> TrainerKD | None:
+    """The vision-KD state of a trainer, or None (knob off, term inactive, or detached)."""
+    return trainer.__dict__.get(STATE_ATTR)
+
+
+def bind(trainer: Any, state: TrainerKD | None) -> None:
+    """Attach (or, with None, detach) a trainer's vision-KD state; benchmarks toggle the shim with it."""
+    if state is None:
+        trainer.__dict__.pop(STATE_ATTR, None)
+    else:
+        trainer.__dict__[STATE_ATTR] = state
+
+
+class MetricBuffer:
+    """Holds per-micro-step values on device and hands them to the trainer's metrics only at log time,
+    because ms-swift's MeanMetric.update calls .item() (a host sync) on every call."""
+
+    def __init__(self) -> None:
+        self._modes: dict[str, dict[str, list[Any]]] = {}
+
+    def add(self, mode: str, key: str, value: Any) -> None:
+        """Add one micro-step value: a 0-d tensor stays on its device (detached, fp32), or a number."""
+        if hasattr(value, "detach"):
+            if value.ndim != 0:
+                raise ValueError(
+                    f"MetricBuffer.add({mode!r}, {key!r}) takes a 0-d tensor or a number, "
+                    f"got a tensor of shape {tuple(value.shape)}"
+                )
+            # Detached so no autograd graph outlives the step; fp32 so bf16 sums do not lose steps.
+            value = value.detach().float()
+        entry = self._modes.setdefault(mode, {}).setdefault(key, [0.0, 0])
+        entry[0] = entry[0] + value
+        entry[1] += 1
+
+    def pending(self, mode: str) -> bool:
+        return bool(self._modes.get(mode))
+
+    def flush(self, mode: str, metrics: Mapping[str, Any], keys: Iterable[str]) -> dict[str, tuple[float, int]]:
+        """Move this mode's sums into ``metrics[mode][key]`` with one host conversion per key.
+
+        Every key in ``keys`` is updated, with ``[]`` when nothing was added, so all ranks touch the
+        same metrics (MeanMetric all-reduces each one at log time). ``update([mean] * count)`` adds the
+        sum and the count, so the logged value is the mean over all micro-batches of all ranks. Values
+        added under keys not in ``keys`` are discarded with the buffer.
+        """
+        buffered = self._modes.pop(mode, {})
+        table = metrics[mode]
+        result: dict[str, tuple[float, int]] = {}
+        for key in dict.fromkeys(keys):
+            total, count = buffered.get(key, (0.0, 0))
+            host = float(total)
+            mean = host / count if count else 0.0
+            table[key].update([mean] * count)
+            result[key] = (host, count)
+        return result
+
+
+class _Tally:
+    """What the end-of-run summary reports; host counters only, plus on-device sums per target."""
+
+    def __init__(self) -> None:
+        self.term_steps: collections.Counter[str] = collections.Counter()
+        self.skipped: collections.Counter[str] = collections.Counter()
+        self.tokens: collections.Counter[str] = collections.Counter()
+        self.sums: dict[tuple[str, str], Any] = {}
+
+    def add(self, mode: str, tokens: int, per_target: Mapping[Any, Any]) -> None:
+        self.term_steps[mode] += 1
+        self.tokens[mode] += tokens
+        for target, value in per_target.items():
+            key = (mode, target.name)
+            self.sums[key] = self.sums.get(key, 0.0) + value.detach().float()
+
+    def means(self) -> dict[str, dict[str, float]]:
+        out: dict[str, dict[str, float]] = {}
+        for (mode, name), total in self.sums.items():
+            out.setdefault(mode, {})[name] = float(total) / self.term_steps[mode]
+        return out
+
+
+class TrainerKD:
+    """Vision KD state of one GKD trainer: capture, config, metric buffer, run tally."""
+
+    def __init__(self, trainer: Any, resolved: ResolvedConfig, layout: SwiftLayout) -> None:
+        self.trainer = trainer
+        self.layout = layout
+        self.config = resolved.config
+        self.log = telemetry.get_logger()
+        self.buffer = MetricBuffer()
+        self.limiter = telemetry.RateLimiter()
+        self.tally = _Tally()
+        student = trainer.accelerator.unwrap_model(trainer.model)
+        teacher = trainer.teacher_model
+        self_distill = teacher is None and getattr(trainer, "_teacher_use_disable_adapter", False)
+        if getattr(trainer, "use_teacher_api", False) or (teacher is None and not self_distill):
+            # Preflight refuses both from the arguments; a trainer built by hand reaches this instead.
+            raise RefusedError(*(preflight.REMOTE_TEACHER if teacher is None else preflight.NO_TEACHER))
+        if self_distill:
+            teacher = student  # ms-swift's teacher: the same model with its adapters disabled
+        kinds, layers, aligner = self.config.kinds, self.config.deepstack_layers, _aligner_paths(student)
+        try:
+            modules = resolve_targets(student, kinds, layers, aligner)
+            self.capture = FeatureCapture(student, teacher, kinds, layers, aligner=aligner)
+        except TargetResolutionError as exc:
+            raise RefusedError(str(exc), "choose targets the architecture has (custom.visual_kd.targets)") from None
+        tower = vision_tower(student, aligner)
+        if not any(p.requires_grad for p in (tower or modules[next(iter(modules))]).parameters()):
+            raise RefusedError(*preflight.FROZEN_VISION)
+        self.weights = {target: self.config.kind_weights[target.kind] for target in modules}
+        vision_config = getattr(getattr(unwrap(student), "config", None), "vision_config", None)
+        self.merge = getattr(vision_config, "spatial_merge_size", 1) ** 2
+        self.capture.attach()
+        self.peft_student = student if hasattr(student, "disable_adapter") else None
+        self.keys = (
+            METRIC_LOSS,
+            *(f"vision_kd/{t.name}" for t in modules),
+            "vision_kd/tokens",
+            "vision_kd/skipped",
+        )
+        self.pending_nonfinite: dict[str, dict[tuple[str, str], Any]] = {"train": {}, "eval": {}}
+        self.last_visual_step: int | None = None
+        self.first_step: int | None = None
+        self.stretch_reported = False
+        self.log.info(
+            "vkd.attach",
+            targets=[t.name for t in modules],
+            shared_modules=self.capture.shared,
+            distance=self.config.distance,
+        )
+        self._save_config(resolved)
+        trainer.add_callback(_run_end_callback(self))
+
+    def _save_config(self, resolved: ResolvedConfig) -> None:
+        if not self.trainer.is_world_process_zero():
+            return
+        output_dir = self.trainer.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        with open(os.path.join(output_dir, CONFIG_FILE_NAME), "w", encoding="utf-8") as f:
+            json.dump(resolved.to_event(), f, indent=2, sort_keys=True)
+
+    # --- per step ------------------------------------------------------------------------------
+
+    def compute_loss(self, wrapped: Any, args: tuple, kwargs: dict) -> Any:
+        inputs = args[1] if len(args) > 1 else kwargs["inputs"]
+        model_inputs = self.layout.model_inputs(inputs)
+        mode = "train" if self.trainer.model.training else "eval"
+        step = self.trainer.state.global_step
+        if self.first_step is None:
+            self.first_step = step
+        if not any(model_inputs.get(k) is not None for k in VISUAL_INPUT_KEYS):
+            # Text-only micro-batch: the tower may still run on ms-swift's dummy image (DeepSpeed), and
+            # those features are not visual tokens. Nothing is captured, nothing is added.
+            if mode == "train":
+                self._text_only(step)
+            return wrapped(*args, **kwargs)
+        if mode == "train":
+            self.last_visual_step, self.stretch_reported = step, False
+        with self.capture.window(), self._roles():
+            result = wrapped(*args, **kwargs)
+            term = self._term(mode, step, self._segments(model_inputs))
+        if term is None or mode == "eval":
+            # eval_loss stays ms-swift's own, so best-checkpoint selection compares across runs; the
+            # term is reported beside it as eval_vision_kd_loss.
+            return result
+        if isinstance(result, tuple):
+            return (result[0] + term, *result[1:])
+        return result + term
+
+    @contextlib.contextmanager
+    def _roles(self):
+        """Attribute passes through shared modules: student by default, teacher under disable_adapter."""
+        if not self.capture.shared:
+            yield
+            return
+        peft = self.peft_student
+        original = peft.disable_adapter
+        capture = self.capture
+
+        @contextlib.contextmanager
+        def disable_adapter():
+            with capture.role(TEACHER), original():
+                yield
+
+        peft.disable_adapter = disable_adapter
+        try:
+            with capture.role(STUDENT):
+                yield
+        finally:
+            del peft.disable_adapter
+
+    def _segments(self, model_inputs: Mapping[str, Any]) -> dict[Any, list[int]] | None:
+        """Tokens per image, then per video, for each target (``relation`` compares within each one).
+
+        Images run through the tower before videos (in one call under DeepSpeed, in two without), so the
+        captured rows follow this order. The grids are tiny; the model itself reads them on the host.
+        """
+        if self.config.distance not in RELATION_DISTANCES:
+            return None
+        patches = []
+        for key in ("image_grid_thw", "video_grid_thw"):
+            grid = model_inputs.get(key)
+            if grid is not None:
+                patches += [int(t) * int(h) * int(w) for t, h, w in grid.tolist()]
+        return {t: patches if t.kind == VIT else [n // self.merge for n in patches] for t in self.weights}
+
+    def _term(self, mode: str, step: int, segments: dict[Any, list[int]] | None = None) -> Any:
+        try:
+            features = self.capture.take()
+        except CaptureError as exc:
+            self._skip(mode, step, str(exc))
+            return None
+        student, teacher = features.get(STUDENT, {}), features.get(TEACHER, {})
+        if not student and not teacher:
+            self._skip(mode, step, "no aligner features were captured in a micro-batch with visual inputs")
+            return None
+        try:
+            out = vision_kd_loss(
+                student,
+                teacher,
+                weights=self.weights,
+                distance=self.config.distance,
+                scale=self.config.weight * self.config.warmup_factor(step),
+                segments=segments,
+            )
+        except FeatureMismatchError as exc:
+            self._skip(
+                mode,
+                step,
+                str(exc),
+                target=exc.target,
+                student_shape=exc.student_shape,
+                teacher_shape=exc.teacher_shape,
+            )
+            return None
+        add = self.buffer.add
+        add(mode, METRIC_LOSS, out.total.detach())
+        for target, value in out.per_target.items():
+            add(mode, f"vision_kd/{target.name}", value.detach())
+        add(mode, "vision_kd/tokens", out.tokens)
+        add(
+            mode,
+            "vision_kd/skipped",
+            sum(out.nonfinite_student.values()) + sum(out.nonfinite_teacher.values()),
+        )
+        self.tally.add(mode, out.tokens, out.per_target)
+        pending = self.pending_nonfinite[mode]
+        for side, counts in ((STUDENT, out.nonfinite_student), (TEACHER, out.nonfinite_teacher)):
+            for target, count in counts.items():
+                key = (side, target.name)
+                pending[key] = pending[key] + count if key in pending else count
+        return out.total
+
+    def _skip(self, mode: str, step: int, reason: str, **fields: Any) -> None:
+        self.buffer.add(mode, "vision_kd/skipped", 1)
+        self.tally.skipped[reason[:80]] += 1
+        allowed, suppressed = self.limiter.allow(f"skip:{reason[:60]}")
+        if allowed:
+            self.log.warning("vkd.skip", mode=mode, step=step, reason=reason, suppressed=suppressed, **fields)
+
+    def _text_only(self, step: int) -> None:
+        since = self.first_step if self.last_visual_step is None else self.last_visual_step
+        if step - since >= self.config.no_visual_steps and not self.stretch_reported:
+            self.stretch_reported = True
+            self._no_visual(f"no visual token reached the models in the last {step - since} optimizer steps", step)
+
+    def _no_visual(self, reason: str, step: int) -> None:
+        fix = (
+            "check that the dataset has image/video rows and that they encode (ms-swift logs 'Encoding failed'"
+            " and resamples); for pipelines that are text-only by design set custom.visual_kd.no_visual: warn"
+        )
+        level = "error" if self.config.no_visual == "raise" else "warning"
+        self.log.event("vkd.no_visual", level, step=step, reason=reason, fix=fix, policy=self.config.no_visual)
+        if self.config.no_visual == "raise":
+            raise NoVisualTokensError(f"vision KD is on but {reason}. Fix: {fix}.")
+
+    # --- at log time and at the end --------------------------------------------------------------
+
+    def flush(self, mode: str) -> None:
+        """At log time only: one host read of the accumulators, then ms-swift's MeanMetric."""
+        self.buffer.flush(mode, self.layout.metrics(self.trainer), self.keys)
+        pending, self.pending_nonfinite[mode] = self.pending_nonfinite[mode], {}
+        step = self.trainer.state.global_step
+        for (side, target), count in pending.items():
+            total = int(count)
+            if total == 0:
+                continue
+            policy = self.config.nonfinite if side == STUDENT else self.config.teacher_nonfinite
+            self.log.warning(
+                "vkd.nonfinite", step=step, mode=mode, target=target, side=side, count=total, policy=policy
+            )
+            if policy != "raise":
+                continue
+            if side == TEACHER:
+                raise NonFiniteError(
+                    f"the frozen teacher's {target} features held NaN/Inf in {total} token rows ({mode}) before "
+                    f"step {step}: the teacher itself is broken (its logits, and so the GKD loss, are too); "
+                    "check the teacher checkpoint and --torch_dtype, or set custom.visual_kd.teacher_nonfinite: skip"
+                )
+            raise NonFiniteError(
+                f"non-finite aligner features: {total} token rows of {target} ({mode}) before step {step}; "
+                "custom.visual_kd.nonfinite is 'raise' (use 'skip' to mask them and go on)"
+            )
+
+    def end_of_training(self) -> None:
+        """One summary event; a run that never saw a visual token stops here (exit non-zero)."""
+        tally = self.tally
+        self.log.info(
+            "vkd.summary",
+            steps_with_term=dict(tally.term_steps),
+            skipped=dict(tally.skipped),
+            visual_tokens=dict(tally.tokens),
+            mean_per_target=tally.means(),
+            last_visual_step=self.last_visual_step,
+        )
+        if self.last_visual_step is None:
+            self._no_visual("no visual token reached the models in the whole run", self.trainer.state.global_step)
+
+
+def _run_end_callback(kd: TrainerKD) -> Any:
+    from transformers import TrainerCallback  # the trainer that calls this has loaded it already
+
+    class VisionKDRunEnd(TrainerCallback):
+        def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            kd.end_of_training()
+
+    return VisionKDRunEnd()
+
+
+def _aligner_paths(model: Any) -> list[str] | None:
+    """ms-swift's own declaration of the architecture's aligner (swift/model/model_arch.py)."""
+    arch = getattr(getattr(model, "model_meta", None), "model_arch", None)
+    aligner = getattr(arch, "aligner", None)
+    if not aligner:
+        return None
+    return [aligner] if isinstance(aligner, str) else list(aligner)
