@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vkd_shim.capture import STUDENT, TEACHER, FeatureCapture
+from vkd_shim.capture import STUDENT, TEACHER, FeatureCapture, Target
 from vkd_shim.testing import inputs as kit_inputs
 from vkd_shim.testing import models
 
@@ -77,11 +77,12 @@ def test_full_forward_captures_exactly_what_the_language_model_receives(student,
     vision = {k: inputs[k] for k in ("pixel_values", "image_grid_thw")}
     for role, model in ((STUDENT, student), (TEACHER, teacher)):
         expected = image_features_457(model, vision)
-        assert list(taken[role]) == TARGETS
+        by_name = {target.name: features for target, features in taken[role].items()}
+        assert list(by_name) == TARGETS
         for target in TARGETS:
-            assert torch.equal(taken[role][target], expected[target]), (role, target)
+            assert torch.equal(by_name[target], expected[target]), (role, target)
     tokens = kit_inputs.merged_tokens(student.config, vision["image_grid_thw"])
-    assert taken[STUDENT]["merger"].shape == (tokens, student.config.vision_config.out_hidden_size)
+    assert taken[STUDENT][Target("merger")].shape == (tokens, student.config.vision_config.out_hidden_size)
 
 
 def test_generate_outside_the_window_records_nothing(student, teacher, capture):
