@@ -121,7 +121,7 @@ def _run(h: bench_step.Harness, tracker: Tracker, steps: int, every: int, warmup
             break
         tracker.refs = []
         h.step("shim", h.fresh())
-        taken += len(tracker.refs) == 2 * len(h.kd.targets)  # student + teacher, every target
+        taken += len(tracker.refs) == 2 * len(h.targets)  # student + teacher, every target
         leaked_steps += tracker.alive() > 0
         store_left += capture.calls != {}
     if taken != steps:
@@ -152,9 +152,7 @@ def render(opts, h: bench_step.Harness, info: dict, result: dict, control: dict)
     clean = result["leaked_steps"] == 0 and result["store_left"] == 0
     after_warmup = [n for (step, _, _), n in zip(samples, tensors, strict=True) if step >= opts.warmup]
     # The control must be caught on both counts, or the checks above would prove nothing.
-    caught = (
-        control["leaked_steps"] == opts.control_steps and control["heap_slope"] >= 0.5 * control["step_bytes"]
-    )
+    caught = control["leaked_steps"] == opts.control_steps and control["heap_slope"] >= 0.5 * control["step_bytes"]
 
     def row(label: str, index: int, key: str) -> str:
         values = " / ".join(f"{at[m][index] / mib:.1f}" for m in marks)

@@ -24,7 +24,6 @@ import venv
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
 
 MARK_BEGIN = "<!-- startup:begin -->"
 MARK_END = "<!-- startup:end -->"

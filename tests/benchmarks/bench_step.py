@@ -41,11 +41,13 @@ from collections import Counter
 from importlib import metadata
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(REPO), str(REPO / "tests"), str(Path(__file__).resolve().parent)]
+import bench_startup  # this script's own directory is on sys.path when it runs
+import shim_points
 
-import bench_startup  # noqa: E402  (needs the path above)
-import tiny_assets  # noqa: E402
+from vkd_shim.testing import data as kit_data
+from vkd_shim.testing import launch, models
+
+REPO = Path(__file__).resolve().parents[2]
 
 MARK_BEGIN = "<!-- step:begin -->"
 MARK_END = "<!-- step:end -->"
@@ -73,8 +75,8 @@ class Preset:
 
 
 PRESETS = {
-    # tiny_assets' model as it is: the vision tower is a sliver of the step (the full-vocab JSD dominates).
-    "tiny": Preset({}, {}, "float32", rows=2, images_per_row=1, image_px=224, note="tiny_assets' Qwen3-VL"),
+    # vkd_shim.testing's model as it is: the vision tower is a sliver of the step (the full-vocab JSD dominates).
+    "tiny": Preset({}, {}, "float32", rows=2, images_per_row=1, image_px=224, note="vkd_shim.testing's tiny Qwen3-VL"),
     # The same text stack with a vision tower big enough to matter on CPU: 8 blocks of width 256, three
     # deepstack mergers (one per text layer), four images per micro-batch.
     "small": Preset(
@@ -92,7 +94,7 @@ PRESETS = {
         image_px=224,
         note="tiny text stack, vision tower 256 wide x 8 blocks",
     ),
-    # Qwen3-VL-4B's shape (random init); the lm_head is untied (tiny_assets' config fixes that).
+    # Qwen3-VL-4B's shape (random init); the lm_head is untied (the kit's config fixes that).
     "4b": Preset(
         text={
             "hidden_size": 2560,
@@ -160,9 +162,7 @@ def build_assets(work: Path, name: str, preset: Preset, device: str) -> dict:
         try:
             with torch.device(device):
                 for role, seed in (("teacher", 0), ("student", 1)):
-                    tiny_assets.save_qwen3_vl(
-                        root / role, seed=seed, text_config=preset.text, vision_config=preset.vision
-                    )
+                    models.save_qwen3_vl(root / role, seed=seed, text_config=preset.text, vision_config=preset.vision)
         finally:
             torch.set_default_dtype(default_dtype)
         stamp.write_text(spec)
@@ -177,10 +177,10 @@ def build_assets(work: Path, name: str, preset: Preset, device: str) -> dict:
         for image in range(preset.images_per_row):
             path = media / f"row{index}_image{image}.png"
             offset = (rng.randrange(preset.image_px // 2), rng.randrange(preset.image_px // 2))
-            tiny_assets._box_frame((preset.image_px,) * 2, "red", (255, 255, 255), offset).save(path)
+            kit_data.box_frame((preset.image_px,) * 2, "red", (255, 255, 255), offset).save(path)
             paths.append(str(path))
         prompt = "<image>" * preset.images_per_row + "What colour are the boxes?"
-        rows.append({"messages": tiny_assets._message(prompt, "The boxes are red."), "images": paths})
+        rows.append({"messages": kit_data.message(prompt, "The boxes are red."), "images": paths})
     train = data / "train.jsonl"
     train.write_text("".join(json.dumps(row) + "\n" for row in rows))
     config = work / "vkd.json"  # JSON is YAML: the shim reads it with its safe loader
@@ -207,7 +207,7 @@ def build_trainer(assets: dict, preset: Preset, work: Path):
         def train(self, trainer):  # everything up to training, then hand the trainer back
             return trainer
 
-    argv = tiny_assets.gkd_command(
+    argv = launch.gkd_command(
         assets,
         work / "output",
         # lmbda 0: every batch is the dataset's (no on-policy generation), so each step does the same work.
@@ -224,18 +224,18 @@ class Harness:
         import torch
         from swift.rlhf_trainers import gkd_trainer
 
-        from vkd_shim import capture
+        from vkd_shim import capture, runtime
 
         self.torch = torch
+        self.runtime = runtime
         self.trainer = trainer
-        self.kd = trainer.__dict__.get("_vkd")
+        self.kd = runtime.state_of(trainer)
         if self.kd is None:
-            raise RuntimeError(
-                "the shim did not attach to the trainer: nothing to benchmark (see events.jsonl)"
-            )
+            raise RuntimeError("the shim did not attach to the trainer: nothing to benchmark (see events.jsonl)")
         self.original = vars(gkd_trainer.GKDTrainer)["compute_loss"].__wrapped__
         self.student = capture.unwrap(trainer.model)
         self.teacher = capture.unwrap(trainer.teacher_model)
+        self.targets = self.kd.capture.targets
         self.cuda = trainer.accelerator.device.type == "cuda"
         trainer.model.train()
         # The trainer's own batch: its dataloader, then its _prepare_inputs (template encoding, collation).
@@ -250,10 +250,10 @@ class Harness:
     def set_mode(self, mode: str) -> None:
         """Hooks exist only in the shim mode; the other two see the models as ms-swift built them."""
         if mode == "shim":
-            self.trainer._vkd = self.kd
+            self.runtime.bind(self.trainer, self.kd)
             self.kd.capture.attach()
         else:
-            self.trainer.__dict__.pop("_vkd", None)
+            self.runtime.bind(self.trainer, None)
             self.kd.capture.detach()
 
     def loss(self, mode: str, inputs: dict):
@@ -282,10 +282,9 @@ class Harness:
         return vision_kd_loss(
             student,
             teacher,
-            target_weights={t: config.target_weight(t) for t in student},
+            weights={t: config.kind_weights[t.kind] for t in student},
             distance=config.distance,
-            weight=config.weight,
-            warmup=config.warmup_factor(self.trainer.state.global_step),
+            scale=config.weight * config.warmup_factor(self.trainer.state.global_step),
         ).total
 
     def _tower(self, model, model_inputs: dict) -> dict:
@@ -295,11 +294,9 @@ class Harness:
             if model_inputs.get(pixels) is None:
                 continue
             out = visual(model_inputs[pixels].type(visual.dtype), grid_thw=model_inputs[grid])
-            for target in self.kd.targets:
-                if target == "merger":
-                    features = out.pooler_output
-                else:
-                    features = out.deepstack_features[int(target.rsplit("_", 1)[1])]
+            for target in self.targets:
+                # The merger is the pooler output; deepstack i is the i-th deepstack feature.
+                features = out.pooler_output if target.index is None else out.deepstack_features[target.index]
                 chunks.setdefault(target, []).append(features)
         return {t: c[0] if len(c) == 1 else self.torch.cat(c) for t, c in chunks.items()}
 
@@ -340,7 +337,7 @@ class Harness:
             "visual_tokens": int(grid.prod(-1).sum()) // merge**2,
             "trainable": sum(p.numel() for p in self.trainer.model.parameters() if p.requires_grad),
             "gradient_checkpointing": bool(self.trainer.args.gradient_checkpointing),
-            "targets": list(self.kd.targets),
+            "targets": [t.name for t in self.targets],
         }
 
 
@@ -349,45 +346,27 @@ class Harness:
 
 def time_modes(h: Harness, steps: int, warmup: int) -> dict:
     """Interleaved rounds; per step wall time (and on CUDA, peak allocated bytes)."""
-    torch = h.torch
     times: dict[str, list[float]] = {m: [] for m in TIMED}
     peaks: dict[str, list[int]] = {m: [] for m in TIMED}
     flushes: list[float] = []
-    order = list(TIMED)
     # The shim's loss-side code (take, distance, metric buffer), timed on its own: a short interval that
-    # machine noise hardly touches, unlike the whole step. Host time; on CUDA, launches only.
+    # machine noise hardly touches, unlike the whole step. Host time; on CUDA, launches only. The public
+    # functions are wrapped by dotted path (shim_points); their times are summed per shim step.
     terms: list[float] = []
-    real_term = h.kd._term
+    spent = [0.0]
 
-    def timed_term(mode: str):
-        start = time.perf_counter()
-        term = real_term(mode)
-        terms.append(time.perf_counter() - start)
-        return term
-
-    h.kd._term = timed_term
-    for index in range(-warmup, steps):
-        random.Random(index).shuffle(order)
-        for mode in order:
-            h.set_mode(mode)
-            inputs = h.fresh()
-            h.sync()
-            if h.cuda:
-                torch.cuda.reset_peak_memory_stats()
-                live = torch.cuda.memory_allocated()
+    def timer(label: str, original):
+        def timed(*args, **kwargs):
             start = time.perf_counter()
-            h.step(mode, inputs)
-            h.sync()
-            elapsed = time.perf_counter() - start
-            if index >= 0:
-                times[mode].append(elapsed)
-                if h.cuda:
-                    peaks[mode].append(torch.cuda.max_memory_allocated() - live)
-        # What trainer.log does each logging step, timed apart: it is paid per log, not per micro-step.
-        start = time.perf_counter()
-        h.kd.flush("train")
-        flushes.append(time.perf_counter() - start)
-    del h.kd._term
+            try:
+                return original(*args, **kwargs)
+            finally:
+                spent[0] += time.perf_counter() - start
+
+        return timed
+
+    with shim_points.instrumented(timer, labels=("take", "distance", "buffer")):
+        _interleave(h, steps, warmup, times, peaks, flushes, terms, spent)
     metrics = h.trainer.custom_metrics["train"]
     added = metrics[METRIC_LOSS].count
     if added != steps + warmup or metrics["vision_kd/skipped"].state != 0:
@@ -398,11 +377,40 @@ def time_modes(h: Harness, steps: int, warmup: int) -> dict:
     return {"times": times, "peaks": peaks, "flush": flushes, "term": terms[warmup:]}
 
 
+def _interleave(h: Harness, steps: int, warmup: int, times, peaks, flushes, terms, spent) -> None:
+    torch = h.torch
+    order = list(TIMED)
+    for index in range(-warmup, steps):
+        random.Random(index).shuffle(order)
+        for mode in order:
+            h.set_mode(mode)
+            inputs = h.fresh()
+            h.sync()
+            if h.cuda:
+                torch.cuda.reset_peak_memory_stats()
+                live = torch.cuda.memory_allocated()
+            spent[0] = 0.0
+            start = time.perf_counter()
+            h.step(mode, inputs)
+            h.sync()
+            elapsed = time.perf_counter() - start
+            if mode == "shim":
+                terms.append(spent[0])
+            if index >= 0:
+                times[mode].append(elapsed)
+                if h.cuda:
+                    peaks[mode].append(torch.cuda.max_memory_allocated() - live)
+        # What trainer.log does each logging step, timed apart: it is paid per log, not per micro-step.
+        start = time.perf_counter()
+        h.kd.flush("train")
+        flushes.append(time.perf_counter() - start)
+
+
 def count_syncs(h: Harness, steps: int) -> dict:
     """CUDA only: synchronizing calls per step, seen through torch's sync debug mode."""
     torch = h.torch
     per_mode: dict[str, dict] = {}
-    for mode in ("off", "shim"):
+    for mode in MODES:
         h.set_mode(mode)
         counts, sites = [], Counter()
         for _ in range(steps):
@@ -422,8 +430,7 @@ def count_syncs(h: Harness, steps: int) -> dict:
     h.kd.flush("train")
     extra = per_mode["shim"]["sites"] - per_mode["off"]["sites"]
     return {
-        "off": per_mode["off"]["median"],
-        "shim": per_mode["shim"]["median"],
+        **{mode: per_mode[mode]["median"] for mode in MODES},
         "extra_sites": sorted(extra),
     }
 
@@ -556,16 +563,14 @@ def render_run(opts, h: Harness, info: dict, timing: dict, syncs: dict | None) -
     )
     lines.append(
         f"Peak memory of a step above what was live when it started (median per mode; {how}): "
-        + ", ".join(
-            f"{m} {peaks[m] / 2**20:.1f} MiB ({(peaks[m] - peaks['off']) / 2**20:+.2f})" for m in MODES
-        )
+        + ", ".join(f"{m} {peaks[m] / 2**20:.1f} MiB ({(peaks[m] - peaks['off']) / 2**20:+.2f})" for m in MODES)
         + "."
     )
     if h.cuda:
         lines.append(
             f"Host-device syncs per step (`torch.cuda.set_sync_debug_mode('warn')`, median of "
-            f"{opts.sync_steps} steps): off {syncs['off']}, shim {syncs['shim']}; call sites seen only "
-            f"with the shim: {', '.join(syncs['extra_sites']) or 'none'}."
+            f"{opts.sync_steps} steps): off {syncs['off']}, shim {syncs['shim']}, naive {syncs['naive']}; "
+            f"call sites seen only with the shim: {', '.join(syncs['extra_sites']) or 'none'}."
         )
     else:
         lines.append("Host-device syncs: not applicable on CPU.")
@@ -623,6 +628,7 @@ def main() -> int:
     parser.add_argument("--memory-steps", type=int, default=5, help="CPU: profiled rounds for peak memory")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "vkd-bench")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "BENCHMARKS.md")
+    parser.add_argument("--json", type=Path, default=None, help="also write the raw measurements here")
     opts = parser.parse_args()
     opts.work.mkdir(parents=True, exist_ok=True)
 
@@ -642,6 +648,9 @@ def main() -> int:
         timing["peaks"] = cpu_peaks(h, opts.memory_steps)
     syncs = count_syncs(h, opts.sync_steps) if h.cuda else None
     block = render_run(opts, h, info, timing, syncs)
+    if opts.json is not None:
+        raw = {"info": info, "timing": timing, "syncs": syncs, "argv": sys.argv, "versions": versions()}
+        opts.json.write_text(json.dumps(raw, indent=2, default=str), encoding="utf-8")
     section = merge_section(opts.out, f"{opts.device}/{opts.model}", block)
     print(section)
     bench_startup.write_section(opts.out, section, begin=MARK_BEGIN, end=MARK_END)

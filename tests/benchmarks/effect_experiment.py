@@ -44,16 +44,16 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests"))
+import bench_startup  # this script's own directory is on sys.path when it runs
 
-import bench_startup  # noqa: E402  (tests/benchmarks is this script's own directory)
-import tiny_assets  # noqa: E402  (tests/ is not a package; the path is set just above)
+from vkd_shim.testing import launch, models
+
+REPO = Path(__file__).resolve().parents[2]
 
 MARK_BEGIN = "<!-- effect:begin -->"
 MARK_END = "<!-- effect:end -->"
 
-# Scene geometry: a 96 x 96 image is 3 x 3 merged vision tokens (32 x 32 pixels each, see tiny_assets),
+# Scene geometry: a 96 x 96 image is 3 x 3 merged vision tokens (32 x 32 pixels each, see vkd_shim.testing.models),
 # and each object fills one grid cell, so a box is one of 9 and every cell is one visual token.
 GRID = 3
 CELL = 32
@@ -98,9 +98,7 @@ def new_answer(box: tuple[int, int, int, int]) -> str:
     return "[{},{},{},{}]".format(*box)
 
 
-def draw_scene(
-    rng: random.Random, cell: int, out_of_domain: bool
-) -> tuple[Any, tuple[int, int, int, int], str]:
+def draw_scene(rng: random.Random, cell: int, out_of_domain: bool) -> tuple[Any, tuple[int, int, int, int], str]:
     """One object in grid cell `cell`; returns the image, its box in pixels and its colour name.
 
     In-domain: a rectangle on a plain background. Out-of-domain: an ellipse or a triangle on a noisy
@@ -129,9 +127,7 @@ def draw_scene(
     elif rng.random() < 0.5:
         draw.ellipse(inner, fill=colour)
     else:
-        draw.polygon(
-            [(inner[0], inner[3]), (inner[2], inner[3]), ((inner[0] + inner[2]) // 2, inner[1])], fill=colour
-        )
+        draw.polygon([(inner[0], inner[3]), (inner[2], inner[3]), ((inner[0] + inner[2]) // 2, inner[1])], fill=colour)
     return image, box, name
 
 
@@ -177,9 +173,7 @@ def build_data(root: Path, seed: int) -> dict[str, Path]:
         "indomain_train": write_split(
             root, "indomain_train", 192, out_of_domain=False, legacy=True, seed=seed, list_task=True
         ),
-        "indomain_eval": write_split(
-            root, "indomain_eval", 18, out_of_domain=False, legacy=True, seed=seed + 1
-        ),
+        "indomain_eval": write_split(root, "indomain_eval", 18, out_of_domain=False, legacy=True, seed=seed + 1),
         "ood_train": write_split(root, "ood_train", 64, out_of_domain=True, legacy=False, seed=seed + 2),
         "ood_eval": write_split(root, "ood_eval", 36, out_of_domain=True, legacy=False, seed=seed + 3),
     }
@@ -195,9 +189,7 @@ def run_logged(argv: list[str], env: dict[str, str], log: Path) -> float:
     seconds = time.perf_counter() - start
     if code != 0:
         tail = "\n".join(log.read_text(encoding="utf-8", errors="replace").splitlines()[-40:])
-        raise RuntimeError(
-            f"{argv[0]} exited with {code} after {seconds:.0f} s; last lines of {log}:\n{tail}"
-        )
+        raise RuntimeError(f"{argv[0]} exited with {code} after {seconds:.0f} s; last lines of {log}:\n{tail}")
     print(f"  done in {seconds:.0f} s", flush=True)
     return seconds
 
@@ -247,9 +239,7 @@ def teacher_command(init: Path, data: dict[str, Path], output: Path, steps: int)
     ]  # fmt: skip
 
 
-def stage3_command(
-    teacher: Path, student: Path, data: dict[str, Path], output: Path, steps: int
-) -> list[str]:
+def stage3_command(teacher: Path, student: Path, data: dict[str, Path], output: Path, steps: int) -> list[str]:
     """Off-policy GKD (``--lmbda 0``: every step distils on the dataset's new-format answers, so every step
     also carries the SFT term; ms-swift drops ``sft_alpha`` on on-policy steps) with LoRA on the language
     stack and, through ``--freeze_aligner false``, on the merger and deepstack mergers."""
@@ -316,12 +306,11 @@ def run_stage3(
             if line.strip():
                 name = json.loads(line)["event"]
                 event_counts[name] = event_counts.get(name, 0) + 1
-    logs = tiny_assets.read_logging_jsonl(output)
+    logs = launch.read_logging_jsonl(output)
     # A run that silently trained without the term would turn the comparison into noise: check that the
     # shim attached and that every logged step carries vision_kd_loss.
     if weight > 0 and (
-        event_counts.get("vkd.attach") != 1
-        or not all("vision_kd_loss" in row for row in logs if "loss" in row)
+        event_counts.get("vkd.attach") != 1 or not all("vision_kd_loss" in row for row in logs if "loss" in row)
     ):
         raise RuntimeError(f"weight {weight:g}: vision KD did not run (events {event_counts}); see {run_dir}")
     return {
@@ -398,7 +387,7 @@ class Evaluator:
         tokens, answer labels), right-padded by hand: the template's own collator would load a model
         to compute rope positions, which the model's forward computes itself from mm_token_type_ids."""
         torch = self.torch
-        pad = tiny_assets.QWEN_ADDED_TOKENS[tiny_assets.PAD_TOKEN][0]
+        pad = models.QWEN_ADDED_TOKENS[models.PAD_TOKEN][0]
         template.set_mode("train")
         try:
             encoded = [template.encode({"messages": r["messages"], "images": r["images"]}) for r in self.rows]
@@ -452,8 +441,10 @@ class Evaluator:
                     student_out = engine.model(**batch["inputs"])
                     teacher_out = self.teacher.model(**batch["inputs"])
                     features = capture.take()
+                # Features are keyed by capture.Target; the report keys them by Target.name.
+                by_name = {role: {key.name: value for key, value in side.items()} for role, side in features.items()}
                 for target in TARGETS:
-                    s, t = features["student"][target].float(), features["teacher"][target].float()
+                    s, t = by_name["student"][target].float(), by_name["teacher"][target].float()
                     squared[target] += float(((s - t) ** 2).sum())
                     reference[target] += float((t**2).sum())
                     elements[target] += t.numel()
@@ -461,9 +452,7 @@ class Evaluator:
                 shifted = torch.roll(batch["labels"], shifts=-1, dims=1)
                 teacher_side = TeacherOutput(full_logits=teacher_out.logits, labels=shifted)
                 with torch.no_grad():
-                    jsd, valid = gkd_loss(
-                        student_out.logits, teacher_side, shifted, GKD_BETA, GKD_TEMPERATURE
-                    )
+                    jsd, valid = gkd_loss(student_out.logits, teacher_side, shifted, GKD_BETA, GKD_TEMPERATURE)
                 jsd_sum += float(jsd)
                 nll_sum += self._nll_sum(student_out.logits, shifted)
                 tokens += int(valid)
@@ -499,9 +488,7 @@ class Evaluator:
     def _nll_sum(self, logits, shifted) -> float:
         mask = shifted != -100
         with self.torch.no_grad():
-            loss = self.torch.nn.functional.cross_entropy(
-                logits[mask].float(), shifted[mask], reduction="sum"
-            )
+            loss = self.torch.nn.functional.cross_entropy(logits[mask].float(), shifted[mask], reduction="sum")
         return float(loss)
 
 
@@ -514,9 +501,7 @@ def greedy(engine, rows: list[dict[str, Any]]) -> dict[str, Any]:
     return answer_metrics([r.choices[0].message.content for r in responses], rows)
 
 
-def evaluate(
-    teacher: Path, student: Path, data: dict[str, Path], runs: list[dict[str, Any]]
-) -> dict[str, Any]:
+def evaluate(teacher: Path, student: Path, data: dict[str, Path], runs: list[dict[str, Any]]) -> dict[str, Any]:
     import torch
     from swift.infer_engine import TransformersEngine
 
@@ -705,15 +690,11 @@ def report(results: dict[str, Any], work: Path) -> str:
         logs = run["logs"]
         total, kd = tail_mean(logs, "loss"), tail_mean(logs, "vision_kd_loss")
         rows.append(
-            table_row(
-                weight_label(run["weight"]), evaluation["runs"][f"{run['weight']:g}"], total - (kd or 0.0), kd
-            )
+            table_row(weight_label(run["weight"]), evaluation["runs"][f"{run['weight']:g}"], total - (kd or 0.0), kd)
         )
     answers = [
         f"| {weight_label(run['weight'])} | "
-        + " · ".join(f"`{a}`" for a in evaluation["runs"][f"{run['weight']:g}"]["samples"][:3]).replace(
-            "|", "\\|"
-        )
+        + " · ".join(f"`{a}`" for a in evaluation["runs"][f"{run['weight']:g}"]["samples"][:3]).replace("|", "\\|")
         + " |"
         for run in runs
     ]
@@ -790,7 +771,7 @@ def report(results: dict[str, Any], work: Path) -> str:
             "",
             "`$WORK` is `--work`; the launchers are the virtualenv's; every command ran with "
             "`HF_HUB_OFFLINE=1 MODELSCOPE_OFFLINE=1 CUDA_VISIBLE_DEVICES= TOKENIZERS_PARALLELISM=false` "
-            "(`tiny_assets.gkd_env`).",
+            "(`vkd_shim.testing.launch.gkd_env`).",
             "",
             "```bash",
             *commands,
@@ -832,7 +813,7 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     # No VKD_* from the caller's shell: weight 0 must run without the shim, the others with only
     # the shipped configs and VKD_WEIGHT.
-    env = {k: v for k, v in tiny_assets.gkd_env(cache_dir=work / "cache").items() if not k.startswith("VKD_")}
+    env = {k: v for k, v in launch.gkd_env(cache_dir=work / "cache").items() if not k.startswith("VKD_")}
     load_before = load_average()
     started = time.perf_counter()
     timing: dict[str, float | None] = {}
@@ -841,7 +822,7 @@ def main() -> int:
     data = build_data(work / "data", SEED)
     init = work / "teacher_init"
     if not (init / "model.safetensors").exists():
-        tiny_assets.save_qwen3_vl(init, seed=0)
+        models.save_qwen3_vl(init, seed=0)
     timing["data"] = time.perf_counter() - tick
 
     teacher, student = work / "teacher", work / "student"
@@ -890,9 +871,7 @@ def main() -> int:
 def publish(results: dict[str, Any], work: Path, out: Path) -> None:
     plot(results["runs"], results["evaluation"], out / "img")
     section = report(results, work)
-    bench_startup.write_section(
-        out / "EFFECT.md", section, begin=MARK_BEGIN, end=MARK_END, title="# Effect experiment"
-    )
+    bench_startup.write_section(out / "EFFECT.md", section, begin=MARK_BEGIN, end=MARK_END, title="# Effect experiment")
     print(section)
 
 
