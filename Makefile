@@ -60,7 +60,7 @@ bench: venv
 	$(PY) tests/benchmarks/bench_memory.py --threads 1 --out docs/BENCHMARKS.md
 	$(PY) tests/benchmarks/bench_attribution.py --model tiny --steps 9 --threads 1 --out docs/BENCHMARKS.md
 	$(PY) tests/benchmarks/bench_attribution.py --model small --steps 7 --threads 1 --out docs/BENCHMARKS.md
-	cd tests/benchmarks && ../../$(PY) bench_relation.py --out ../../docs/BENCHMARKS.md
+	$(PY) tests/benchmarks/bench_relation.py --out docs/BENCHMARKS.md
 
 # The GPU suite (one run of at most 10 minutes on a single-GPU machine), and its dry run on CPU.
 bench-gpu: venv
