@@ -8,10 +8,10 @@ QUIET_PIP := 2>&1 | grep -v "^WARNING: Location" || true
 # A tested ms-swift stack is a requirements file, requirements/swift<S>.txt, and a venv built from it:
 # .venv for the main one (4.6), .venv<S> beside it for each other stack. Adding a stack costs a
 # requirements file and one word in SIDE_STACKS (plus its tests below if it needs more than the common set).
-SIDE_STACKS := 312
-# What every side stack runs: the patch points of its layout, the engine on its transformers, and its
-# own tests/swift<S> directory (a real end-to-end run and knob-off equality) when there is one.
-STACK_TESTS := tests/test_patches.py tests/test_loss.py tests/test_relation.py
+SIDE_STACKS := 312 45 44
+# What every side stack runs: the patch points of its layout, the engine on its transformers, a real
+# end-to-end run and knob-off equality (tests/stacks), and its own tests/swift<S> directory if it has one.
+STACK_TESTS := tests/test_patches.py tests/test_loss.py tests/test_relation.py tests/stacks
 
 export HF_HUB_OFFLINE := 1
 export MODELSCOPE_OFFLINE := 1

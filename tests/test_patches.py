@@ -67,7 +67,9 @@ def test_installed_release_picks_its_layout_and_passes_the_guard():
         ("4.6.3", "4.6", False),
         ("3.11.3", "3.12", True),  # same major: the 3.x layout, and the guard says it is untested
         ("3.1", "3.12", True),  # "3.1" must not pass as "3.12"
-        ("4.5.3", "4.6", True),
+        ("4.5.3", "4.5", False),
+        ("4.4.2", "4.4", False),
+        ("4.3.2", "4.6", True),  # known incompatible (flat batch): guarded, and refused at preflight
         ("5.0.0", "4.6", True),  # unknown major: the newest layout, guarded
     ],
 )
@@ -179,6 +181,14 @@ def test_version_guard_event(events, mocker):
     assert "3.11.3" in guard["problem"] and guard["level"] == "warning"
     (activate,) = [e for e in events() if e["event"] == "vkd.activate"]
     assert "3.11.3" in activate["layout_reason"]
+
+
+def test_a_known_incompatible_release_is_refused_before_any_model_loads(events, mocker):
+    mocker.patch.object(swift_layouts, "installed_version", return_value="4.3.2")
+    original = mocker.Mock()
+    with pytest.raises(RefusedError, match=r"ms-swift 4\.3\.2 is not supported: .*flat batch"):
+        patches._wrap_prepare_model_tokenizer(original, types.SimpleNamespace(args=rlhf_args()), (), {})
+    original.assert_not_called()
 
 
 def test_supported_version_has_no_guard_event(events):

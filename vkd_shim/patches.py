@@ -226,6 +226,9 @@ def _wrap_prepare_model_tokenizer(wrapped, instance, args, kwargs):
         )
         _refuse(RefusedError(str(exc), "fix the vision-KD config (see `vkd-shim doctor`)"))
     if resolved.config.active:
+        incompatible = swift_layouts.incompatible()
+        if incompatible:
+            _refuse(RefusedError(incompatible, "install ms-swift 4.4 or later, or unset VKD_ENABLE"))
         for refusal in preflight.check(instance.args, resolved.config):
             _refuse(RefusedError(*refusal))
         importlib.import_module(LAYOUT.trainer_module)  # fires the trainer hook now, before loading

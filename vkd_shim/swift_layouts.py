@@ -18,6 +18,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import metadata
+from types import MappingProxyType
 from typing import Any
 
 #: Roles of the patch points; :mod:`vkd_shim.patches` maps each role to its wrapper.
@@ -82,10 +83,11 @@ class SwiftLayout:
         return getattr(trainer, self.metrics_attr)
 
 
-SWIFT_4_6 = SwiftLayout(
-    series="4.6",
-    stack="transformers 5.19, trl 0.29, peft 0.20, torch 2.14.1",
-    points={
+#: ms-swift 4.4, 4.5 and 4.6 keep every patch point in one place (checked on 4.4.2, 4.5.3, 4.6.0: the same
+#: modules, qualnames and signatures, the YAML as argv[0], the batch under "model_inputs", the teacher
+#: prepared in rollout_mixin._setup_teacher, custom_metrics).
+_POINTS_4X = MappingProxyType(
+    {
         CLI_YAML: ("swift.cli.main", "parse_yaml_args"),
         PIPELINE_PREFLIGHT: ("swift.pipelines.train.rlhf", "SwiftRLHF._prepare_model_tokenizer"),
         TRAINER_INIT: ("swift.rlhf_trainers.gkd_trainer", "GKDTrainer.__init__"),
@@ -94,11 +96,23 @@ SWIFT_4_6 = SwiftLayout(
         # MegatronRLHF defines no __init__ of its own; _prepare_template runs inside MegatronSft's
         # __init__, after a meta-device model and before the trainer or any weights.
         MEGATRON_PREFLIGHT: ("swift.megatron.pipelines.train.rlhf", "MegatronRLHF._prepare_template"),
-    },
-    config_flag=None,
-    batch_key="model_inputs",
-    metrics_attr="custom_metrics",
+    }
 )
+
+
+def _layout_4x(series: str, stack: str) -> SwiftLayout:
+    return SwiftLayout(
+        series, stack, _POINTS_4X, config_flag=None, batch_key="model_inputs", metrics_attr="custom_metrics"
+    )
+
+
+SWIFT_4_6 = _layout_4x("4.6", "transformers 5.19, trl 0.29, peft 0.20, torch 2.14.1")
+# 4.5.3 (only .3) defaults dataloader_persistent_workers to True without 4.6's num_workers == 0 guard:
+# runs with --dataloader_num_workers 0 need --dataloader_persistent_workers false (ms-swift, not the shim).
+SWIFT_4_5 = _layout_4x("4.5", "transformers 5.16, trl 0.29, peft 0.20, torch 2.14.1")
+# 4.4.0-4.4.2: on-policy GKD without vLLM (the default lmbda 0.5) dies in ms-swift itself at step 2
+# ('GKDTrainer' object has no attribute 'dynamic_num_samples', fixed in 4.5.0): use --lmbda 0 there.
+SWIFT_4_4 = _layout_4x("4.4", "transformers 5.12, trl 0.29, peft 0.19, torch 2.14.1")
 
 SWIFT_3_12 = SwiftLayout(
     series="3.12",
@@ -117,8 +131,22 @@ SWIFT_3_12 = SwiftLayout(
 )
 
 #: Newest first: the supported matrix.
-LAYOUTS = (SWIFT_4_6, SWIFT_3_12)
+LAYOUTS = (SWIFT_4_6, SWIFT_4_5, SWIFT_4_4, SWIFT_3_12)
 SUPPORTED = tuple(layout.series for layout in LAYOUTS)
+#: Releases whose GKD trainer the shim cannot serve, and why (read in each release's source): a run that
+#: asks for vision KD on them stops before loading instead of crashing after both models are loaded.
+_FLAT_BATCH = (
+    "its GKDTrainer.compute_loss receives a flat batch with private keys mixed in (_data_source, ...), not "
+    "4.4+'s {model_inputs, gkd_batch, teacher_model_inputs}"
+)
+UNSUPPORTED = MappingProxyType(
+    {
+        "4.0": f"{_FLAT_BATCH}, and its YAML entry is 3.x's prepare_config_args (--config)",
+        "4.1": f"{_FLAT_BATCH}, and the OPSD teacher inputs are a partial overlay of the student's",
+        "4.2": f"{_FLAT_BATCH}, and the OPSD teacher inputs are a partial overlay of the student's",
+        "4.3": f"{_FLAT_BATCH}, and the OPSD teacher inputs are a partial overlay of the student's",
+    }
+)
 
 
 def installed_version() -> str | None:
@@ -175,11 +203,25 @@ def installed() -> SwiftLayout:
     return for_version(installed_version())
 
 
+def incompatible(version: str | None = None) -> str | None:
+    """Why vision KD cannot run on the given (default: installed) ms-swift at all, or None."""
+    version = installed_version() if version is None else version
+    series = ".".join((version or "").split(".")[:2])
+    if series in UNSUPPORTED:
+        return (
+            f"ms-swift {version} is not supported: {UNSUPPORTED[series]}; supported: {supported_text()} "
+            "(upgrade ms-swift to 4.4 or later)"
+        )
+    return None
+
+
 def version_problem(version: str | None = None) -> str | None:
     """Why the given (default: installed) ms-swift is outside the tested matrix, or None."""
     version = installed_version() if version is None else version
     if not version:
         return "ms-swift is not installed"
+    if incompatible(version):
+        return incompatible(version)
     if not any(layout.matches(version) for layout in LAYOUTS):
         return f"ms-swift {version} is outside the supported matrix ({supported_text()})"
     return None

@@ -2,7 +2,7 @@
 
 They import ms-swift 3.x modules by their 3.x paths, so under any other ms-swift they could only fail
 for the wrong reason: collecting them there is a usage error, said once, up front, instead of a page
-of ImportErrors (the 4.6 suite runs with `--ignore=tests/swift312`).
+of ImportErrors (pyproject.toml keeps the directory out of the main run).
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import pytest
 
 from vkd_shim import swift_layouts
-from vkd_shim.testing import launch as kit
 
 _INSTALLED = swift_layouts.installed_version()
 if not swift_layouts.SWIFT_3_12.matches(_INSTALLED or ""):
@@ -18,9 +17,3 @@ if not swift_layouts.SWIFT_3_12.matches(_INSTALLED or ""):
         f"tests/swift312 needs ms-swift 3.12.x (found {_INSTALLED or 'none'}): run them with "
         ".venv312/bin/python -m pytest tests/swift312 (pyproject.toml keeps it out of the default run)"
     )
-
-
-@pytest.fixture(scope="session")
-def assets_312(tmp_path_factory) -> dict:
-    """Teacher and student saved the way transformers 4.57 reads them (the kit follows the installed stack)."""
-    return kit.build_all(tmp_path_factory.mktemp("assets_312"))

@@ -135,6 +135,8 @@ def gkd_command(assets: Mapping[str, Any], output_dir: str | os.PathLike[str], *
         "--save_steps", str(DEFAULT_MAX_STEPS),
         "--report_to", "tensorboard",
         "--dataloader_num_workers", "0",
+        # ms-swift 4.5.3 defaults persistent workers to True without 4.6's num_workers == 0 guard.
+        "--dataloader_persistent_workers", "false",
         "--seed", str(DEFAULT_SEED),
         "--data_seed", str(DEFAULT_SEED),
         # The trainer otherwise asks the ModelScope hub whether the local model is current: offline, that

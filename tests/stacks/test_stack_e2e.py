@@ -1,10 +1,11 @@
-"""End to end under ms-swift 3.12: real `swift rlhf --rlhf_type gkd` subprocesses on the tiny Qwen3-VL
-saved for transformers 4.57, judged by what users see (exit code, `logging.jsonl`, the output directory
-and the shim's event lines from `VKD_LOG_FILE`).
+"""End to end under each side stack (ms-swift 3.12, 4.5, 4.4; the main 4.6 stack has tests/test_e2e.py):
+real `swift rlhf --rlhf_type gkd` subprocesses on the tiny Qwen3-VL saved the way the installed
+transformers reads it, judged by what users see (exit code, `logging.jsonl`, the output directory and the
+shim's event lines from `VKD_LOG_FILE`).
 
-Why: only a real 3.x launch proves the whole 3.x path (the `--config` YAML entry and the re-exec, the
-pipeline in `swift.llm.train`, the trainer in `swift.trainers.rlhf_trainer`, a batch without
-`model_inputs`, 3.x's metric plumbing) and that the switched-off shim leaves 3.x training untouched.
+Why: only a real launch proves a release's whole path (its YAML entry and the re-exec, the pipeline, the
+trainer, its batch layout, its metric plumbing) and that the switched-off shim leaves its training
+untouched. Everything release-specific comes from the installed layout (`patches.LAYOUT`).
 
 Cost on 2 shared CPU cores: 3 training runs of 3 steps, about 40-60 s each.
 """
@@ -21,6 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from vkd_shim import patches, swift_layouts
 from vkd_shim.bootstrap import BOOTSTRAP_DIR
 from vkd_shim.testing import launch as kit
 
@@ -28,9 +30,21 @@ pytestmark = pytest.mark.e2e
 
 VKD_RUN = Path(sys.executable).with_name("vkd-run")
 TRAIN_TIMEOUT_S = 600
-GKD_MODULE = "swift.trainers.rlhf_trainer.gkd_trainer"
+LAYOUT = patches.LAYOUT
 TARGETS = ("merger", "deepstack_0", "deepstack_1")
-THREE_STEPS = ("--max_steps", "3", "--save_strategy", "no")
+# ms-swift 4.4's own on-policy bug (see swift_layouts.SWIFT_4_4): off-policy there.
+THREE_STEPS = ("--max_steps", "3", "--save_strategy", "no", *(("--lmbda", "0") if LAYOUT.series == "4.4" else ()))
+
+
+def yaml_launch(argv: list[str], block: dict, path: Path) -> list[str]:
+    """The same run with its vision-KD block inline in the YAML, through the release's YAML entry."""
+    if LAYOUT.config_flag is not None:  # 3.x: `swift rlhf ... --config x.yaml`
+        path.write_text(yaml.safe_dump({"custom": {"visual_kd": block}}), encoding="utf-8")
+        return [*argv, LAYOUT.config_flag, str(path)]
+    flags = dict(zip(argv[2::2], argv[3::2], strict=True))  # 4.x: `swift rlhf x.yaml` holds everything
+    document = {flag.removeprefix("--"): value for flag, value in flags.items()}
+    path.write_text(yaml.safe_dump({**document, "custom": {"visual_kd": block}}), encoding="utf-8")
+    return [argv[0], "rlhf", str(path)]
 
 
 def swift_env(cache: Path, **extra: str | os.PathLike[str]) -> dict:
@@ -57,15 +71,14 @@ def step_of(row: dict) -> int:
     return int(row["global_step/max_steps"].split("/")[0])
 
 
-def test_vkd_run_with_inline_config_block_logs_the_weighted_term(assets_312, tmp_path_factory, tmp_path):
-    """vkd-run, and the vision-KD block inline in the YAML given to `swift rlhf --config` (3.x's YAML
-    entry): every step's `vision_kd_loss` is the weighted sum of its per-target distances, eval rows carry
-    the `eval_` keys, and the patch events name the 3.x patch points."""
+def test_vkd_run_with_inline_config_block_logs_the_weighted_term(stack_assets, tmp_path_factory, tmp_path):
+    """vkd-run, and the vision-KD block inline in the YAML given to `swift rlhf` through the release's
+    YAML entry: every step's `vision_kd_loss` is the weighted sum of its per-target distances, eval rows
+    carry the `eval_` keys, and the patch events name the release's patch points."""
     config = tmp_path / "gkd.yaml"
     block = {"weight": 0.5, "targets": {"merger": 1.0, "deepstack": 0.5}}
-    config.write_text(yaml.safe_dump({"custom": {"visual_kd": block}}), encoding="utf-8")
     events_file, out = tmp_path / "events.jsonl", tmp_path / "out"
-    argv = kit.gkd_command(assets_312, out, *THREE_STEPS, "--eval_steps", "3", "--config", config)
+    argv = yaml_launch(kit.gkd_command(stack_assets, out, *THREE_STEPS, "--eval_steps", "3"), block, config)
     launch([VKD_RUN, "--log-file", events_file, *argv], swift_env(tmp_path_factory.mktemp("cache")))
 
     rows = kit.read_logging_jsonl(out)
@@ -85,16 +98,13 @@ def test_vkd_run_with_inline_config_block_logs_the_weighted_term(assets_312, tmp
     assert saved["config"]["weight"] == 0.5 and saved["sources"]["weight"] == f"inline:{config}"
     events = read_events(events_file)
     applied = {e["target"] for e in events if e["event"] == "vkd.patch" and e["status"] == "applied"}
-    assert applied == {
-        "swift.cli.main:prepare_config_args",
-        "swift.llm.train.rlhf:SwiftRLHF._prepare_model_tokenizer",
-        *(f"{GKD_MODULE}:GKDTrainer.{name}" for name in ("__init__", "compute_loss", "log")),
-    }
-    assert {e["swift_layout"] for e in events if e["event"] == "vkd.activate"} == {"3.12"}
+    optional = swift_layouts.MEGATRON_PREFLIGHT
+    assert applied == {f"{module}:{name}" for role, (module, name) in LAYOUT.points.items() if role != optional}
+    assert {e["swift_layout"] for e in events if e["event"] == "vkd.activate"} == {LAYOUT.series}
     assert not [e for e in events if e["level"] != "info"], [e for e in events if e["level"] != "info"]
 
 
-def test_switched_off_and_weight_zero_train_identically(assets_312, tmp_path_factory, tmp_path):
+def test_switched_off_and_weight_zero_train_identically(stack_assets, tmp_path_factory, tmp_path):
     """The bootstrap on PYTHONPATH with VKD_ENABLE unset, and vkd-run with `weight: 0`: same seed, default
     lmbda (sampling included), the same loss, grad_norm and learning rate at every step, and no
     vision-KD key anywhere. The shim must not consume randomness, reorder work or touch the loss."""
@@ -105,7 +115,7 @@ def test_switched_off_and_weight_zero_train_identically(assets_312, tmp_path_fac
     config.write_text(yaml.safe_dump({"custom": {"visual_kd": {"weight": 0}}}), encoding="utf-8")
     extra = (*THREE_STEPS, "--eval_strategy", "no")
     launch(
-        kit.gkd_command(assets_312, outs["gate_off"], *extra),
+        kit.gkd_command(stack_assets, outs["gate_off"], *extra),
         swift_env(cache, PYTHONPATH=BOOTSTRAP_DIR, VKD_LOG_FILE=logs["gate_off"]),
     )
     launch(
@@ -115,7 +125,7 @@ def test_switched_off_and_weight_zero_train_identically(assets_312, tmp_path_fac
             config,
             "--log-file",
             logs["weight_0"],
-            *kit.gkd_command(assets_312, outs["weight_0"], *extra),
+            *kit.gkd_command(stack_assets, outs["weight_0"], *extra),
         ],
         swift_env(cache),
     )
