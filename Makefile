@@ -12,6 +12,9 @@ SIDE_STACKS := 312 45 44
 # What every side stack runs: the patch points of its layout, the engine on its transformers, a real
 # end-to-end run and knob-off equality (tests/stacks), and its own tests/swift<S> directory if it has one.
 STACK_TESTS := tests/test_patches.py tests/test_loss.py tests/test_relation.py tests/stacks
+# 4.4 is the lighter stack (the issue's floor: patch points and one end-to-end run), to keep `make test`
+# within 45 minutes on 2 cores: its knob-off equality runs are left to the 4.5 and 3.12 stacks.
+PYTEST_ARGS_44 := -k "not switched_off"
 
 export HF_HUB_OFFLINE := 1
 export MODELSCOPE_OFFLINE := 1
@@ -47,7 +50,7 @@ test46: venv
 	$(PY) -m pytest -q
 
 test%: .venv%/.vkd-installed
-	.venv$*/bin/python -m pytest -q $(STACK_TESTS) $(wildcard tests/swift$*)
+	.venv$*/bin/python -m pytest -q $(STACK_TESTS) $(wildcard tests/swift$*) $(PYTEST_ARGS_$*)
 
 test: lint test46 $(addprefix test,$(SIDE_STACKS))
 
