@@ -4,7 +4,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.vkd-installed
 WORK ?= .work
-QUIET_PIP := 2>&1 | grep -v "^WARNING: Location" || true
+# torch's CUDA build (the one that pairs with a working torchvision here) is about 5.5 GB: four venvs
+# holding a copy each filled a CI machine's disk. It is installed once, into $(TORCH_DIR), and every
+# venv reads it through a .pth file; each stack's requirements keep their own pins beside it.
+TORCH_DIR := .venv-torch
+TORCH_STAMP := $(TORCH_DIR)/.vkd-installed
 # A tested ms-swift stack is a requirements file, requirements/swift<S>.txt, and a venv built from it:
 # .venv for the main one (4.6), .venv<S> beside it for each other stack. Adding a stack costs a
 # requirements file and one word in SIDE_STACKS (plus its tests below if it needs more than the common set).
@@ -22,22 +26,32 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: venv lint test test46 demo bench bench-gpu bench-gpu-dry clean
 
+# $(call pip_install,PYTHON,LOG,ARGS): silent when it works (this machine's index prints a warning per
+# package), and when it does not, the end of pip's log (a full disk, a resolver conflict) and a failed make.
+pip_install = $(1) -m pip install -q $(3) >$(2) 2>&1 || { tail -n 25 $(2); echo "make: pip install $(3) failed; the whole log is $(2)"; exit 1; }
+
+$(TORCH_STAMP): requirements/torch.txt
+	rm -rf $(TORCH_DIR) && mkdir -p $(TORCH_DIR)
+	$(call pip_install,python3,$(TORCH_DIR).log,--target $(TORCH_DIR) -r requirements/torch.txt)
+	touch $@
+
 # $(call install_stack,VENV_DIR,STACK)
 define install_stack
 	test -x $(1)/bin/python || python3 -m venv $(1)
-	$(1)/bin/python -m pip install -q --upgrade pip $(QUIET_PIP)
-	$(1)/bin/python -m pip install -q -r requirements/swift$(2).txt $(QUIET_PIP)
-	$(1)/bin/python -m pip install -q --no-deps -e . $(QUIET_PIP)
-	$(1)/bin/python -c "import vkd_shim, swift, torch, torchvision, wrapt, structlog, yaml, msgspec, qwen_vl_utils, decord; print('stack $(2): ms-swift', swift.__version__)"
+	echo "$(abspath $(TORCH_DIR))" >"$$($(1)/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/_vkd_torch.pth"
+	$(call pip_install,$(1)/bin/python,$(1)/pip.log,--upgrade pip)
+	$(call pip_install,$(1)/bin/python,$(1)/pip.log,-r requirements/swift$(2).txt)
+	$(call pip_install,$(1)/bin/python,$(1)/pip.log,--no-deps -e .)
+	$(1)/bin/python -c "import vkd_shim, swift, torch, torchvision, wrapt, structlog, yaml, msgspec, qwen_vl_utils, decord; print('stack $(2): ms-swift', swift.__version__, 'torch', torch.__version__, 'from', torch.__file__)"
 	touch $(1)/.vkd-installed
 endef
 
 venv: $(STAMP)
 
-$(STAMP): requirements/swift46.txt setup.cfg pyproject.toml
+$(STAMP): requirements/swift46.txt requirements/torch.txt setup.cfg pyproject.toml $(TORCH_STAMP)
 	$(call install_stack,$(VENV),46)
 
-.venv%/.vkd-installed: requirements/swift%.txt setup.cfg pyproject.toml
+.venv%/.vkd-installed: requirements/swift%.txt requirements/torch.txt setup.cfg pyproject.toml $(TORCH_STAMP)
 	$(call install_stack,.venv$*,$*)
 # A stamp made by a pattern rule is otherwise deleted as intermediate, and the venv rebuilt every run.
 .PRECIOUS: .venv%/.vkd-installed
