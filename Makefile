@@ -19,6 +19,8 @@ STACK_TESTS := tests/test_patches.py tests/test_loss.py tests/test_relation.py t
 # 4.4 is the lighter stack (the issue's floor: patch points and one end-to-end run), to keep `make test`
 # within 45 minutes on 2 cores: its knob-off equality runs are left to the 4.5 and 3.12 stacks.
 PYTEST_ARGS_44 := -k "not switched_off"
+# More tests for one stack: 3.12 prepares the teacher inside GKDTrainer.__init__, so it gets one DeepSpeed run.
+STACK_TESTS_312 := tests/test_deepspeed.py::test_full_fine_tuning_under_zero2_with_a_plain_teacher
 
 export HF_HUB_OFFLINE := 1
 export MODELSCOPE_OFFLINE := 1
@@ -64,7 +66,7 @@ test46: venv
 	$(PY) -m pytest -q
 
 test%: .venv%/.vkd-installed
-	.venv$*/bin/python -m pytest -q $(STACK_TESTS) $(wildcard tests/swift$*) $(PYTEST_ARGS_$*)
+	.venv$*/bin/python -m pytest -q $(STACK_TESTS) $(STACK_TESTS_$*) $(wildcard tests/swift$*) $(PYTEST_ARGS_$*)
 
 test: lint test46 $(addprefix test,$(SIDE_STACKS))
 

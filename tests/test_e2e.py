@@ -101,30 +101,7 @@ if os.environ.get("{PROBE_FILE_ENV}"):
 
 # Checks, in a process without the shim, that ms-swift's own loader (the calls `swift infer --adapters`
 # makes) restores every adapter tensor of a checkpoint written under vision KD, bit for bit.
-LOAD_CHECKPOINT = """
-import json, sys
-import torch
-from safetensors.torch import load_file
-from swift.model import get_model_processor
-from swift.tuners import Swift
-
-student, checkpoint = sys.argv[1:3]
-model, _ = get_model_processor(student, model_type="qwen3_vl", torch_dtype=torch.float32)
-model = Swift.from_pretrained(model, checkpoint)
-state = model.state_dict()
-saved = load_file(f"{checkpoint}/adapter_model.safetensors")
-def restored(key, value):
-    for part in ("lora_A", "lora_B"):
-        key = key.replace(f".{part}.weight", f".{part}.default.weight")
-    return key in state and torch.equal(state[key], value)
-print(json.dumps({
-    "model": type(model).__name__,
-    "vkd_shim_imported": "vkd_shim" in sys.modules,
-    "saved": len(saved),
-    "restored_exactly": sorted(k for k, v in saved.items() if restored(k, v)),
-    "nonzero_lora_b": sorted(k for k, v in saved.items() if "lora_B" in k and bool(v.count_nonzero())),
-}))
-"""
+CHECKPOINT_PROBE = REPO / "tests" / "checkpoint_probe.py"
 
 
 # --- helpers ---------------------------------------------------------------------------------------
@@ -486,7 +463,7 @@ def test_resume_follows_the_restored_step_and_plain_swift_loads_the_checkpoint(g
     for step, ratio in {**before, **after}.items():
         assert ratio == pytest.approx((step - 1) / 8, rel=2e-3, abs=1e-9), (step, before, after)
 
-    loader = launch([sys.executable, "-c", LOAD_CHECKPOINT, gkd_assets["student"], checkpoint], swift_env(swift_cache))
+    loader = launch([sys.executable, CHECKPOINT_PROBE, gkd_assets["student"], checkpoint], swift_env(swift_cache))
     assert loader.returncode == 0, report(loader)
     loaded = json.loads(loader.stdout.strip().splitlines()[-1])
     assert loaded["vkd_shim_imported"] is False and loaded["model"] == "PeftModelForCausalLM"
