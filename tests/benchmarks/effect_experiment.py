@@ -12,6 +12,9 @@ The seed proposal's smoke run, at toy scale and on CPU, with the real launchers:
    (``--sft_alpha 1``). One run without the shim (weight 0) and one per vision-KD weight through
    ``vkd-run`` with the shipped configs (``configs/visual_kd_base.yaml:configs/stage3_visual_kd.yaml``)
    and ``VKD_WEIGHT``; same seeds everywhere.
+   With a wider teacher too (GKD's usual pair: a wider language model, so a wider aligner output, over
+   the same vision tower and tokens), trained by the same SFT recipe: the same student, one run
+   without the shim and one with ``VKD_DISTANCE=relation``, the one distance defined across widths.
 3. Evaluation on held-out out-of-domain scenes, in this process: aligner drift from the teacher
    (relative squared error of the merger and deepstack outputs, read with ``vkd_shim.capture``), the
    GKD loss terms with ms-swift's own ``gkd_loss`` and the student's answer NLL (teacher-forced), and
@@ -78,6 +81,12 @@ LEGACY_RE = re.compile(r"<\|box_start\|>\((\d+),(\d+)\),\((\d+),(\d+)\)<\|box_en
 NEW_RE = re.compile(r"\[(\d+),(\d+),(\d+),(\d+)\]")
 
 WEIGHTS = (0.0, 0.01, 0.1, 1.0)
+# GKD's usual pair: a bigger teacher of the same family (same vision tower, so the same visual tokens; a
+# wider language model and so a wider aligner output), distilled with the one distance that compares
+# features of different widths. `mse` is refused before loading for this pair.
+WIDE_MODEL = {"text_config": {"hidden_size": 96, "intermediate_size": 192}, "vision_config": {"out_hidden_size": 96}}
+WIDE_WEIGHTS = (0.0, 1.0)
+WIDE_DISTANCE = "relation"
 CONFIGS = (REPO / "configs" / "visual_kd_base.yaml", REPO / "configs" / "stage3_visual_kd.yaml")
 SEED = 42
 # ms-swift's GKD defaults for --rlhf_type gkd (beta 0.5 = symmetric JSD, temperature 0.9); the
@@ -239,6 +248,25 @@ def teacher_command(init: Path, data: dict[str, Path], output: Path, steps: int)
     ]  # fmt: skip
 
 
+def train_teacher(
+    init: Path, data: dict[str, Path], output: Path, steps: int, env: dict, reuse: bool, copies: tuple[Path, ...]
+) -> tuple[list[str], float | None]:
+    """`swift sft` from `init`, then the model files of its checkpoint into each of `copies` (separate
+    directories: ms-swift compares --model and --teacher_model as strings). Returns argv and wall time
+    (None when reused)."""
+    argv = teacher_command(init, data, output, steps)
+    if reuse and (copies[0] / "model.safetensors").exists():
+        return argv, None
+    shutil.rmtree(output, ignore_errors=True)
+    seconds = run_logged(argv, env, output.with_suffix(".log"))
+    checkpoint = last_checkpoint(output)
+    if checkpoint is None:
+        raise RuntimeError(f"swift sft left no checkpoint under {output}")
+    for target in copies:
+        copy_model(checkpoint, target)
+    return argv, seconds
+
+
 def stage3_command(teacher: Path, student: Path, data: dict[str, Path], output: Path, steps: int) -> list[str]:
     """Off-policy GKD (``--lmbda 0``: every step distils on the dataset's new-format answers, so every step
     also carries the SFT term; ms-swift drops ``sft_alpha`` on on-policy steps) with LoRA on the language
@@ -274,10 +302,13 @@ def run_stage3(
     steps: int,
     env: dict,
     reuse: bool,
+    pair: str = "",
+    distance: str | None = None,
 ) -> dict[str, Any]:
     """One Stage-3 run. Weight 0 is the plain launcher without the shim (the true baseline, not a
-    zero-weight config); the others go through ``vkd-run`` with the shipped configs and VKD_WEIGHT."""
-    run_dir = work / "runs" / f"w{weight:g}"
+    zero-weight config); the others go through ``vkd-run`` with the shipped configs and VKD_WEIGHT
+    (and VKD_DISTANCE when `distance` is given). `pair` names the teacher's runs apart ("wide-")."""
+    run_dir = work / "runs" / f"{pair}w{weight:g}"
     output = run_dir / "output"
     events = run_dir / "vkd_events.jsonl"
     argv = stage3_command(teacher, student, data, output, steps)
@@ -293,6 +324,8 @@ def run_stage3(
             *argv,
         ]
         run_env["VKD_WEIGHT"] = f"{weight:g}"
+        if distance is not None:
+            run_env["VKD_DISTANCE"] = distance
     seconds = None
     if not (reuse and last_checkpoint(output)):
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -316,7 +349,7 @@ def run_stage3(
     return {
         "weight": weight,
         "argv": argv,
-        "env": {"VKD_WEIGHT": run_env["VKD_WEIGHT"]} if weight > 0 else {},
+        "env": {k: run_env[k] for k in ("VKD_WEIGHT", "VKD_DISTANCE") if k in run_env} if weight > 0 else {},
         "seconds": seconds,
         "checkpoint": str(checkpoint),
         "logs": logs,
@@ -373,12 +406,14 @@ def constant_box_mae(rows: list[dict[str, Any]]) -> float:
 class Evaluator:
     """Holds the teacher and the encoded held-out rows; scores one model at a time against them."""
 
-    def __init__(self, teacher_dir: Path, rows: list[dict[str, Any]]) -> None:
+    def __init__(self, teacher_dir: Path, rows: list[dict[str, Any]], relation: bool = False) -> None:
         import torch
         from swift.infer_engine import TransformersEngine
 
         self.torch = torch
         self.rows = rows
+        # A teacher of another width: drift is the `relation` distance (the only one defined across widths).
+        self.relation = relation
         self.teacher = TransformersEngine(str(teacher_dir), model_type="qwen3_vl", torch_dtype=torch.float32)
         self.batches = self._encode(self.teacher.template)
 
@@ -443,7 +478,13 @@ class Evaluator:
                     features = capture.take()
                 # Features are keyed by capture.Target; the report keys them by Target.name.
                 by_name = {role: {key.name: value for key, value in side.items()} for role, side in features.items()}
-                for target in TARGETS:
+                if self.relation:
+                    images = self._relation(features, batch["inputs"]["image_grid_thw"], engine.model)
+                    for target, value in images.items():
+                        squared[target] += value
+                        elements[target] += len(batch["inputs"]["image_grid_thw"])
+                    by_name = {}
+                for target in TARGETS if by_name else ():
                     s, t = by_name["student"][target].float(), by_name["teacher"][target].float()
                     squared[target] += float(((s - t) ** 2).sum())
                     reference[target] += float((t**2).sum())
@@ -458,10 +499,15 @@ class Evaluator:
                 tokens += int(valid)
         finally:
             capture.detach()
-        return {
-            "drift": {target: squared[target] / reference[target] for target in TARGETS},
+        if self.relation:
+            drift, scale = {target: squared[target] / elements[target] for target in TARGETS}, None
+        else:
+            drift = {target: squared[target] / reference[target] for target in TARGETS}
             # The scale `distance: mse` works in: the teacher's mean squared feature value.
-            "teacher_mean_square": {target: reference[target] / elements[target] for target in TARGETS},
+            scale = {target: reference[target] / elements[target] for target in TARGETS}
+        return {
+            "drift": drift,
+            "teacher_mean_square": scale,
             "jsd": jsd_sum / tokens,
             "nll": nll_sum / tokens,
             **greedy(engine, self.rows),
@@ -485,6 +531,20 @@ class Evaluator:
             **greedy(self.teacher, self.rows),
         }
 
+    def _relation(self, features: dict, grid, model) -> dict[str, float]:
+        """Per target, the sum over this chunk's images of the shim's own `relation` distance (its image
+        mean times the image count; every held-out image has the same number of tokens)."""
+        from vkd_shim.loss import vision_kd_loss
+
+        merge = model.config.vision_config.spatial_merge_size**2
+        tokens = [int(t) * int(h) * int(w) // merge for t, h, w in grid.tolist()]
+        student, teacher = features["student"], features["teacher"]
+        out = vision_kd_loss(
+            student, teacher, weights=dict.fromkeys(student, 1.0), distance="relation", scale=1.0,
+            segments=dict.fromkeys(student, tokens),
+        )  # fmt: skip
+        return {target.name: float(value) * len(tokens) for target, value in out.per_target.items()}
+
     def _nll_sum(self, logits, shifted) -> float:
         mask = shifted != -100
         with self.torch.no_grad():
@@ -501,14 +561,29 @@ def greedy(engine, rows: list[dict[str, Any]]) -> dict[str, Any]:
     return answer_metrics([r.choices[0].message.content for r in responses], rows)
 
 
-def evaluate(teacher: Path, student: Path, data: dict[str, Path], runs: list[dict[str, Any]]) -> dict[str, Any]:
+def student_engine(student: Path, checkpoint: str | None = None):
+    """The student through ms-swift's inference engine, with a Stage-3 LoRA checkpoint when given."""
     import torch
     from swift.infer_engine import TransformersEngine
 
+    adapters = [checkpoint] if checkpoint else None
+    # max_batch_size=0: all held-out prompts decode as one batch.
+    return TransformersEngine(
+        str(student), model_type="qwen3_vl", torch_dtype=torch.float32, adapters=adapters, max_batch_size=0
+    )
+
+
+def evaluate(
+    teacher: Path,
+    student: Path,
+    data: dict[str, Path],
+    runs: list[dict[str, Any]],
+    wide_teacher: Path | None = None,
+    wide_runs: list[dict[str, Any]] = (),
+) -> dict[str, Any]:
     ood = [json.loads(line) for line in data["ood_eval"].read_text(encoding="utf-8").splitlines()]
     indomain = [json.loads(line) for line in data["indomain_eval"].read_text(encoding="utf-8").splitlines()]
     evaluator = Evaluator(teacher, ood)
-    # max_batch_size=0: all held-out prompts decode as one batch.
     evaluator.teacher.max_batch_size = 0
     result = {
         "teacher_indomain": greedy(evaluator.teacher, indomain),
@@ -517,16 +592,19 @@ def evaluate(teacher: Path, student: Path, data: dict[str, Path], runs: list[dic
         "runs": {},
     }
     for run in runs:
-        engine = TransformersEngine(
-            str(student),
-            model_type="qwen3_vl",
-            torch_dtype=torch.float32,
-            adapters=[run["checkpoint"]],
-            max_batch_size=0,
-        )
-        result["runs"][f"{run['weight']:g}"] = evaluator.score(engine)
+        result["runs"][f"{run['weight']:g}"] = evaluator.score(student_engine(student, run["checkpoint"]))
         print(f"  evaluated weight {run['weight']:g}", flush=True)
-        del engine
+    if wide_runs:
+        wide = Evaluator(wide_teacher, ood, relation=True)
+        wide.teacher.max_batch_size = 0
+        result["wide_teacher_indomain"] = greedy(wide.teacher, indomain)
+        result["wide_teacher_ood"] = greedy(wide.teacher, ood)
+        # Where every wide-teacher run starts: the student before Stage 3, against the wide teacher.
+        result["wide_start"] = wide.score(student_engine(student))
+        result["wide_runs"] = {}
+        for run in wide_runs:
+            result["wide_runs"][f"{run['weight']:g}"] = wide.score(student_engine(student, run["checkpoint"]))
+            print(f"  evaluated the wide teacher's weight {run['weight']:g}", flush=True)
     return result
 
 
@@ -681,17 +759,77 @@ def table_row(label: str, s: dict[str, Any], gkd: float | None, kd: float | None
     )
 
 
+def table_head(drift: str) -> list[str]:
+    cells = [f"{drift} {target}" for target in TARGETS]
+    return [
+        "| vision-KD weight | " + " | ".join(cells) + " | train GKD part | train vision_kd_loss | held-out JSD "
+        "| held-out NLL | opens `[` | opens `<\\|box_start\\|>` | well-formed | exact box | coord. error px |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+
+def run_rows(runs: list[dict[str, Any]], scores: dict[str, Any], suffix: str = "") -> list[str]:
+    """One table row per Stage-3 run: its held-out scores and the tail of its training log."""
+    rows = []
+    for run in runs:
+        total, kd = tail_mean(run["logs"], "loss"), tail_mean(run["logs"], "vision_kd_loss")
+        label = weight_label(run["weight"]) + (suffix if run["weight"] else "")
+        rows.append(table_row(label, scores[f"{run['weight']:g}"], total - (kd or 0.0), kd))
+    return rows
+
+
+def events_line(runs: list[dict[str, Any]]) -> str:
+    counts = (
+        f"{weight_label(r['weight'])}: "
+        + (", ".join(f"{k} {v}" for k, v in sorted(r["events"].items())) or "none (no shim)")
+        for r in runs
+    )
+    return "Shim events in each run's `VKD_LOG_FILE`: " + "; ".join(counts) + "."
+
+
+def wide_section(results: dict[str, Any]) -> list[str]:
+    """The wider teacher's table: drift is the `relation` distance, JSD is against the wide teacher."""
+    evaluation, runs = results["evaluation"], results.get("wide_runs") or []
+    if not runs:
+        return []
+    text, ood = evaluation["wide_teacher_indomain"], evaluation["wide_teacher_ood"]
+    rows = [
+        table_row("student before Stage 3", evaluation["wide_start"], None, None),
+        *run_rows(runs, evaluation["wide_runs"], f" (`{WIDE_DISTANCE}`)"),
+    ]
+    widths = results["wide_model"]
+    return [
+        "### A wider teacher",
+        "",
+        f"Teacher: the same tiny Qwen3-VL with a wider language model (text hidden size "
+        f"{widths['text_config']['hidden_size']} instead of 64, so an aligner output of "
+        f"{widths['vision_config']['out_hidden_size']} against the student's 64; same vision tower, so the "
+        f"same visual tokens), trained by the same `swift sft` recipe ({took(results['timing']['teacher_wide'])}; "
+        "Stage-3 runs " + ", ".join(f"{weight_label(r['weight'])}: {took(r['seconds'])}" for r in runs) + "). "
+        f"Greedy on 18 held-out in-domain prompts: opens with the legacy syntax {text['opens_legacy']:.2f}, "
+        f"well-formed box {text['wellformed']:.2f}, exact box {text['box_accuracy']:.2f}; on the 36 OOD "
+        f"prompts: opens legacy {ood['opens_legacy']:.2f}. The student is the same as above (the narrow "
+        f"teacher's copy); Stage 3 is the same command with `--teacher_model` pointing at the wide teacher, "
+        f"vision KD through `VKD_DISTANCE={WIDE_DISTANCE}` (with `mse` the preflight refuses this pair "
+        "before loading).",
+        "",
+        "Columns as above, except *drift*: the `relation` distance itself (per image, MSE between the "
+        "student's and the wide teacher's token-to-token cosine-similarity matrices of that image's tokens), "
+        "unweighted, mean over the 36 held-out out-of-domain images; JSD is against the wide teacher.",
+        "",
+        *table_head("relation drift"),
+        *rows,
+        "",
+        events_line(runs),
+        "",
+    ]
+
+
 def report(results: dict[str, Any], work: Path) -> str:
     """The generated block of EFFECT.md: setup, the table, sample answers, plots and exact commands."""
     evaluation, runs, timing = results["evaluation"], results["runs"], results["timing"]
     teacher, indomain = evaluation["teacher_ood"], evaluation["teacher_indomain"]
-    rows = [table_row("teacher (= student before Stage 3)", teacher, None, None)]
-    for run in runs:
-        logs = run["logs"]
-        total, kd = tail_mean(logs, "loss"), tail_mean(logs, "vision_kd_loss")
-        rows.append(
-            table_row(weight_label(run["weight"]), evaluation["runs"][f"{run['weight']:g}"], total - (kd or 0.0), kd)
-        )
+    rows = [table_row("teacher (= student before Stage 3)", teacher, None, None), *run_rows(runs, evaluation["runs"])]
     answers = [
         f"| {weight_label(run['weight'])} | "
         + " · ".join(f"`{a}`" for a in evaluation["runs"][f"{run['weight']:g}"]["samples"][:3]).replace("|", "\\|")
@@ -705,6 +843,13 @@ def report(results: dict[str, Any], work: Path) -> str:
             f"# Stage 3, vision-KD weight {weight_label(run['weight'])}",
             shell(run["argv"], run["env"], work),
         ]
+    if results.get("wide_runs"):
+        commands += ["# the wider teacher: in-domain, legacy format", shell(results["wide_teacher_argv"], {}, work)]
+    for run in results.get("wide_runs") or []:
+        commands += [
+            f"# Stage 3 with the wider teacher, vision-KD weight {weight_label(run['weight'])}",
+            shell(run["argv"], run["env"], work),
+        ]
     stage3_times = ", ".join(f"{weight_label(r['weight'])}: {took(r['seconds'])}" for r in runs)
     version_text = ", ".join(f"{k} {v}" for k, v in results["versions"].items())
     return "\n".join(
@@ -716,8 +861,9 @@ def report(results: dict[str, Any], work: Path) -> str:
             f"{results['load_before']} / {results['load_after']}). Versions: {version_text}.",
             "",
             f"Wall time {timing['total']:.0f} s: data and init {timing['data']:.0f} s, teacher `swift sft` "
-            f"{took(timing['teacher'])}, Stage-3 `swift rlhf` runs ({stage3_times}), evaluation "
-            f"{timing['evaluate']:.0f} s.",
+            f"{took(timing['teacher'])}, Stage-3 `swift rlhf` runs ({stage3_times}), "
+            + ("the wider teacher's `swift sft` and runs (below), " if results.get("wide_runs") else "")
+            + f"evaluation (both teachers) {timing['evaluate']:.0f} s.",
             "",
             f"Teacher: {results['teacher_steps']} `swift sft` steps. Greedy on 18 held-out in-domain "
             "prompts: "
@@ -735,19 +881,10 @@ def report(results: dict[str, Any], work: Path) -> str:
             "well-formed box (either syntax), exact box, and the mean coordinate error over the well-formed "
             "ones.",
             "",
-            "| vision-KD weight | drift merger | drift deepstack_0 | drift deepstack_1 | train GKD part "
-            "| train vision_kd_loss | held-out JSD | held-out NLL | opens `[` | opens `<\\|box_start\\|>` "
-            "| well-formed | exact box | coord. error px |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            *table_head("drift"),
             *rows,
             "",
-            "Shim events in each run's `VKD_LOG_FILE`: "
-            + "; ".join(
-                f"{weight_label(r['weight'])}: "
-                + (", ".join(f"{k} {v}" for k, v in sorted(r["events"].items())) or "none (no shim)")
-                for r in runs
-            )
-            + ".",
+            events_line(runs),
             "",
             "Scale of the term: the teacher's mean squared aligner output on these images is "
             + ", ".join(f"{target} {fmt(scale[target])}" for target in TARGETS)
@@ -763,6 +900,7 @@ def report(results: dict[str, Any], work: Path) -> str:
             "|---|---|",
             *answers,
             "",
+            *wide_section(results),
             "![loss curves](img/effect_loss_curves.png)",
             "",
             "![sweep](img/effect_sweep.png)",
@@ -795,6 +933,13 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=Path("/tmp/effect"), help="scratch directory")
     parser.add_argument("--out", type=Path, default=REPO / "docs", help="where EFFECT.md and img/ go")
     parser.add_argument("--weights", type=float, nargs="+", default=list(WEIGHTS), help="vision-KD weights")
+    parser.add_argument(
+        "--wide-weights",
+        type=float,
+        nargs="*",
+        default=list(WIDE_WEIGHTS),
+        help=f"vision-KD weights with the wider teacher ({WIDE_DISTANCE}); none skips that teacher",
+    )
     parser.add_argument("--teacher-steps", type=int, default=60)
     parser.add_argument("--stage3-steps", type=int, default=16)
     parser.add_argument("--reuse", action="store_true", help="keep data, teacher and finished runs in --work")
@@ -820,32 +965,42 @@ def main() -> int:
 
     tick = time.perf_counter()
     data = build_data(work / "data", SEED)
-    init = work / "teacher_init"
+    init, wide_init = work / "teacher_init", work / "teacher_wide_init"
     if not (init / "model.safetensors").exists():
         models.save_qwen3_vl(init, seed=0)
+    if opts.wide_weights and not (wide_init / "model.safetensors").exists():
+        models.save_qwen3_vl(wide_init, seed=0, **WIDE_MODEL)
     timing["data"] = time.perf_counter() - tick
 
     teacher, student = work / "teacher", work / "student"
-    teacher_argv = teacher_command(init, data, work / "teacher_sft", opts.teacher_steps)
-    timing["teacher"] = None
-    if not (opts.reuse and (teacher / "model.safetensors").exists()):
-        shutil.rmtree(work / "teacher_sft", ignore_errors=True)
-        timing["teacher"] = run_logged(teacher_argv, env, work / "teacher_sft.log")
-        checkpoint = last_checkpoint(work / "teacher_sft")
-        if checkpoint is None:
-            raise RuntimeError(f"swift sft left no checkpoint under {work / 'teacher_sft'}")
-        copy_model(checkpoint, teacher)
-        # A separate directory: ms-swift compares --model and --teacher_model as strings.
-        copy_model(checkpoint, student)
+    # The student starts as a copy of the teacher in a directory of its own.
+    teacher_argv, timing["teacher"] = train_teacher(
+        init, data, work / "teacher_sft", opts.teacher_steps, env, opts.reuse, (teacher, student)
+    )
 
     runs = [
         run_stage3(work, data, teacher, student, weight, opts.stage3_steps, env, opts.reuse)
         for weight in sorted(opts.weights)
     ]
 
+    # The wider teacher: the same recipe from a wider init; the student stays the narrow teacher's copy.
+    wide_teacher = work / "teacher_wide"
+    wide_argv, timing["teacher_wide"] = [], None
+    if opts.wide_weights:
+        wide_argv, timing["teacher_wide"] = train_teacher(
+            wide_init, data, work / "teacher_wide_sft", opts.teacher_steps, env, opts.reuse, (wide_teacher,)
+        )
+    wide_runs = [
+        run_stage3(
+            work, data, wide_teacher, student, weight, opts.stage3_steps, env, opts.reuse,
+            pair="wide-", distance=WIDE_DISTANCE,
+        )
+        for weight in sorted(opts.wide_weights)
+    ]  # fmt: skip
+
     tick = time.perf_counter()
     os.environ.update({k: env[k] for k in ("HF_HUB_OFFLINE", "MODELSCOPE_OFFLINE", "MODELSCOPE_CACHE")})
-    evaluation = evaluate(teacher, student, data, runs)
+    evaluation = evaluate(teacher, student, data, runs, wide_teacher, wide_runs)
     timing["evaluate"] = time.perf_counter() - tick
     timing["total"] = time.perf_counter() - started
 
@@ -859,7 +1014,10 @@ def main() -> int:
         "teacher_steps": opts.teacher_steps,
         "stage3_steps": opts.stage3_steps,
         "teacher_argv": teacher_argv,
+        "wide_teacher_argv": wide_argv,
+        "wide_model": WIDE_MODEL,
         "runs": runs,
+        "wide_runs": wide_runs,
         "evaluation": evaluation,
         "first_boxes": [row["box"] for row in ood[:3]],
     }
