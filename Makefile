@@ -20,7 +20,7 @@ STACK_TESTS := tests/test_patches.py tests/test_loss.py tests/test_relation.py t
 # within 45 minutes on 2 cores: its knob-off equality runs are left to the 4.5 and 3.12 stacks.
 PYTEST_ARGS_44 := -k "not switched_off"
 # More tests for one stack: 3.12 prepares the teacher inside GKDTrainer.__init__, so it gets one DeepSpeed run.
-STACK_TESTS_312 := tests/test_deepspeed.py::test_full_fine_tuning_under_zero2_with_a_plain_teacher
+STACK_TESTS_312 := 'tests/test_deepspeed.py::test_full_fine_tuning_with_a_plain_teacher[zero2]'
 
 export HF_HUB_OFFLINE := 1
 export MODELSCOPE_OFFLINE := 1

@@ -14,7 +14,7 @@ DeepSpeed 0.19.8 (pinned in requirements/swift46.txt and swift312.txt); ms-swift
 bug is worked around in the children only (tests/ds_cpu_harness), and a strict xfail shows it without the
 workaround. Configs: tests/ds_configs (ms-swift's zero2/zero3 with fp16/bf16 disabled, no train_batch_size).
 
-Cost on 2 CPU cores: 10 two-rank runs, 30-150 s each, plus one build of DeepSpeed's CPU comm op (cached).
+Cost on 2 CPU cores: 12 two-rank runs, 20-60 s each, plus one build of DeepSpeed's CPU comm op (cached).
 The ms-swift 3.12 stack runs the full fine-tuning test only (`make test312`).
 """
 
@@ -245,13 +245,23 @@ def test_resume_under_zero3_continues_the_same_run_and_plain_swift_loads_the_che
     assert moved == ALIGNER, loaded
 
 
-def test_full_fine_tuning_under_zero2_with_a_plain_teacher(gkd_assets, swift_cache, tmp_path):
-    """Full fine-tuning (every LLM and aligner weight trained, ViT frozen) under ZeRO-2, the teacher
-    without --teacher_deepspeed (ms-swift gives it a stage-0 engine, a full copy per rank): the term is
-    finite and non-zero in train and eval on both ranks, and the saved model is an ordinary checkpoint:
-    exactly the student's keys and shapes, loaded by ms-swift's own loader, aligner weights moved."""
+def test_vision_kd_under_zero2_with_a_zero3_teacher_matches_ddp(ddp_vkd, gkd_assets, swift_cache, tmp_path):
+    """ZeRO-2 LoRA student (whole parameters on every rank; gradients and optimizer states partitioned)
+    with a ZeRO-3 teacher: every step's loss, gradient norm and distances equal the DDP vision-KD run's."""
+    run = run_gkd(gkd_assets, swift_cache, tmp_path / "out", *deepspeed(ZERO2, ZERO3), vkd=True).trained()
+    assert_vision_kd_ran(run)
+    assert_same(run.train, ddp_vkd.train, ("loss", "grad_norm", *KD_KEYS))
+
+
+@pytest.mark.parametrize("student", [ZERO2, ZERO3], ids=["zero2", "zero3"])
+def test_full_fine_tuning_with_a_plain_teacher(student, gkd_assets, swift_cache, tmp_path):
+    """Full fine-tuning (every LLM and aligner weight trained, ViT frozen), the teacher without
+    --teacher_deepspeed (ms-swift gives it a stage-0 engine, a full copy per rank): the term is finite and
+    non-zero in train and eval on both ranks, and the saved model is an ordinary checkpoint: exactly the
+    student's keys and shapes (under ZeRO-3, gathered, not partitions), loaded by ms-swift's own loader,
+    aligner weights moved."""
     run = run_gkd(
-        gkd_assets, swift_cache, tmp_path / "out", *deepspeed(ZERO2), "--tuner_type", "full",
+        gkd_assets, swift_cache, tmp_path / "out", *deepspeed(student), "--tuner_type", "full",
         "--save_strategy", "steps", "--save_steps", str(STEPS), vkd=True,
     ).trained()  # fmt: skip
     assert_vision_kd_ran(run)
