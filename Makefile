@@ -16,9 +16,6 @@ SIDE_STACKS := 312 45 44
 # What every side stack runs: the patch points of its layout, the engine on its transformers, a real
 # end-to-end run and knob-off equality (tests/stacks), and its own tests/swift<S> directory if it has one.
 STACK_TESTS := tests/test_patches.py tests/test_loss.py tests/test_relation.py tests/stacks
-# 4.4 is the lighter stack (the issue's floor: patch points and one end-to-end run), to keep `make test`
-# within 45 minutes on 2 cores: its knob-off equality runs are left to the 4.5 and 3.12 stacks.
-PYTEST_ARGS_44 := -k "not switched_off"
 # More tests for one stack: 3.12 prepares the teacher inside GKDTrainer.__init__, so it gets one DeepSpeed run.
 STACK_TESTS_312 := 'tests/test_deepspeed.py::test_full_fine_tuning_with_a_plain_teacher[zero2]'
 
@@ -66,7 +63,7 @@ test46: venv
 	$(PY) -m pytest -q
 
 test%: .venv%/.vkd-installed
-	.venv$*/bin/python -m pytest -q $(STACK_TESTS) $(STACK_TESTS_$*) $(wildcard tests/swift$*) $(PYTEST_ARGS_$*)
+	.venv$*/bin/python -m pytest -q $(STACK_TESTS) $(STACK_TESTS_$*) $(wildcard tests/swift$*)
 
 test: lint test46 $(addprefix test,$(SIDE_STACKS))
 
