@@ -467,15 +467,7 @@ def render(opts, h: bench_step.Harness, info: dict, measured: dict) -> str:
 
 
 def merge_section(path: Path, key: str, block: str) -> str:
-    text = path.read_text(encoding="utf-8") if path.exists() else ""
-    blocks: dict[str, str] = {}
-    if MARK_BEGIN in text:
-        body = text.partition(MARK_BEGIN)[2].partition(MARK_END)[0]
-        import re
-
-        parts = re.split(re.escape(RUN_MARK).replace(r"\{key\}", r"(\S+)"), body)
-        blocks = {parts[i]: parts[i + 1].strip("\n") for i in range(1, len(parts) - 1, 2)}
-    blocks[key] = block
+    blocks = {**bench_startup.run_blocks(path, MARK_BEGIN, MARK_END, RUN_MARK), key: block}
     header = [
         MARK_BEGIN,
         "## The shim's own cost, attributed with the profiler (CPU)",
@@ -502,10 +494,7 @@ def merge_section(path: Path, key: str, block: str) -> str:
         "profiled times with profiled times.",
         "",
     ]
-    body = []
-    for name in sorted(blocks):
-        body += [RUN_MARK.format(key=name), blocks[name], ""]
-    return "\n".join([*header, *body, MARK_END])
+    return bench_startup.assemble(header, blocks, RUN_MARK, MARK_END)
 
 
 def main() -> int:

@@ -14,6 +14,7 @@ import argparse
 import os
 import platform
 import random
+import re
 import shutil
 import statistics
 import subprocess
@@ -127,6 +128,25 @@ def write_section(
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     path.write_text(text, encoding="utf-8")
+
+
+def run_blocks(path: Path, begin: str, end: str, run_mark: str) -> dict[str, str]:
+    """The per-run blocks of a generated section, by key (each stands behind ``run_mark``): a script that
+    measures one device or model replaces its own block and keeps the others'."""
+    text = Path(path).read_text(encoding="utf-8") if Path(path).exists() else ""
+    if begin not in text:
+        return {}
+    body = text.partition(begin)[2].partition(end)[0]
+    parts = re.split(re.escape(run_mark).replace(r"\{key\}", r"(\S+)"), body)
+    return {parts[i]: parts[i + 1].strip("\n") for i in range(1, len(parts) - 1, 2)}
+
+
+def assemble(header: list[str], blocks: dict[str, str], run_mark: str, end: str) -> str:
+    """A section made of its header and one marked block per run, in key order."""
+    body = []
+    for name in sorted(blocks):
+        body += [run_mark.format(key=name), blocks[name], ""]
+    return "\n".join([*header, *body, end])
 
 
 if __name__ == "__main__":

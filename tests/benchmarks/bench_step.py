@@ -579,14 +579,7 @@ def render_run(opts, h: Harness, info: dict, timing: dict, syncs: dict | None) -
 
 def merge_section(path: Path, key: str, block: str) -> str:
     """The whole step section: header, then one block per (device, model), this run's replaced."""
-    text = path.read_text() if path.exists() else ""
-    blocks: dict[str, str] = {}
-    if MARK_BEGIN in text:
-        body = text.partition(MARK_BEGIN)[2].partition(MARK_END)[0]
-        pattern = re.escape(RUN_MARK).replace(r"\{key\}", r"(\S+)")
-        parts = re.split(pattern, body)
-        blocks = {parts[i]: parts[i + 1].strip("\n") for i in range(1, len(parts) - 1, 2)}
-    blocks[key] = block
+    blocks = {**bench_startup.run_blocks(path, MARK_BEGIN, MARK_END, RUN_MARK), key: block}
     header = [
         MARK_BEGIN,
         "## Step overhead of vision KD",
@@ -608,10 +601,7 @@ def merge_section(path: Path, key: str, block: str) -> str:
             "measured**. Command: `python tests/benchmarks/bench_step.py --device cuda --model 4b`.",
             "",
         ]
-    body = []
-    for name in sorted(blocks):
-        body += [RUN_MARK.format(key=name), blocks[name], ""]
-    return "\n".join([*header, *body, MARK_END])
+    return bench_startup.assemble(header, blocks, RUN_MARK, MARK_END)
 
 
 # --- entry point -----------------------------------------------------------------------------
