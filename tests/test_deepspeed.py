@@ -31,6 +31,7 @@ from pathlib import Path
 
 import pytest
 
+from vkd_shim import patches
 from vkd_shim.bootstrap import BOOTSTRAP_DIR
 from vkd_shim.testing import launch as kit
 
@@ -245,6 +246,15 @@ def test_resume_under_zero3_continues_the_same_run_and_plain_swift_loads_the_che
     assert moved == ALIGNER, loaded
 
 
+@pytest.mark.xfail(
+    patches.LAYOUT.series == "3.12",
+    reason="ms-swift 3.12.6 / transformers 4.57.6 under DeepSpeed ZeRO-2 with LoRA, plain ms-swift too: the "
+    "trainer builds its lr scheduler on its own optimizer, whose no-weight-decay group is empty under LoRA; "
+    "deepspeed.initialize then drops empty param groups (runtime/engine.py _configure_optimizer), and "
+    "torch 2.14's LRScheduler._update_lr (zip strict) fails at step 1: 'zip() argument 2 is longer than "
+    "argument 1'. Full fine-tuning (both groups non-empty) trains.",
+    strict=True,
+)
 def test_vision_kd_under_zero2_with_a_zero3_teacher_matches_ddp(ddp_vkd, gkd_assets, swift_cache, tmp_path):
     """ZeRO-2 LoRA student (whole parameters on every rank; gradients and optimizer states partitioned)
     with a ZeRO-3 teacher: every step's loss, gradient norm and distances equal the DDP vision-KD run's."""

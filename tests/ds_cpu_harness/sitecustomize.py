@@ -4,7 +4,8 @@ Put this directory on the PYTHONPATH of the `swift rlhf` child (vkd_shim's boots
 DS_CPU_HARNESS=1; DS_CPU_HARNESS_SKIP=teacher leaves the bug in place (tests/test_deepspeed.py's strict
 xfail shows it).
 
-The bug (not CPU-specific; on NCCL it hangs): swift/rlhf_trainers/utils.py prepare_deepspeed(...,
+The bug (not CPU-specific; on NCCL it hangs; the same code in ms-swift 3.12's
+swift/trainers/rlhf_trainer/utils.py): swift/rlhf_trainers/utils.py prepare_deepspeed(...,
 deepspeed_config=...) wraps the teacher's dict in a local HfTrainerDeepSpeedConfig, whose __init__ calls
 transformers' set_hf_deepspeed_config(self) (transformers/integrations/deepspeed.py): the module-global
 weakref now points at that local object, which dies when prepare_deepspeed returns. From then on
@@ -21,24 +22,34 @@ docs/DISTRIBUTED.md.
 
 import os
 
+# Where ms-swift's GKD path calls prepare_deepspeed for the teacher, imported there by name.
+CALLERS = (
+    "swift.rlhf_trainers.rollout_mixin",  # ms-swift 4.4+: RolloutTrainerMixin._setup_teacher
+    "swift.trainers.rlhf_trainer.gkd_trainer",  # ms-swift 3.x: GKDTrainer.__init__
+)
+
+
+def _keep_hf_deepspeed_config(module):
+    import transformers.integrations.deepspeed as hf_ds
+
+    original = module.prepare_deepspeed
+
+    def prepare_deepspeed(*args, **kwargs):
+        saved = hf_ds._hf_deepspeed_config_weak_ref
+        try:
+            return original(*args, **kwargs)
+        finally:
+            hf_ds._hf_deepspeed_config_weak_ref = saved
+
+    module.prepare_deepspeed = prepare_deepspeed
+    print(f"ds_cpu_harness: kept the HF deepspeed config across {module.__name__}.prepare_deepspeed", flush=True)
+
+
 if os.environ.get("DS_CPU_HARNESS") == "1" and "teacher" not in os.environ.get("DS_CPU_HARNESS_SKIP", ""):
     try:
-        from wrapt import when_imported
+        from wrapt import register_post_import_hook
 
-        @when_imported("swift.rlhf_trainers.rollout_mixin")
-        def _keep_hf_deepspeed_config(module):
-            import transformers.integrations.deepspeed as hf_ds
-
-            original = module.prepare_deepspeed
-
-            def prepare_deepspeed(*args, **kwargs):
-                saved = hf_ds._hf_deepspeed_config_weak_ref
-                try:
-                    return original(*args, **kwargs)
-                finally:
-                    hf_ds._hf_deepspeed_config_weak_ref = saved
-
-            module.prepare_deepspeed = prepare_deepspeed
-            print("ds_cpu_harness: kept the HF deepspeed config across prepare_deepspeed", flush=True)
+        for caller in CALLERS:
+            register_post_import_hook(_keep_hf_deepspeed_config, caller)
     except Exception as exc:  # never break the child's start-up
         print(f"ds_cpu_harness: not applied: {exc!r}", flush=True)
