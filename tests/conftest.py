@@ -7,7 +7,10 @@ per session.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+from e2e_support import PROBE_SITECUSTOMIZE
 
 from vkd_shim.testing import launch as kit
 
@@ -22,3 +25,10 @@ def gkd_assets(tmp_path_factory) -> dict:
 def swift_cache(tmp_path_factory):
     """Where the `swift` children keep their run-time caches (datasets, matplotlib), off the home dir."""
     return tmp_path_factory.mktemp("swift_cache")
+
+
+@pytest.fixture(scope="session")
+def probe_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("user_site")
+    (path / "sitecustomize.py").write_text(PROBE_SITECUSTOMIZE, encoding="utf-8")
+    return path

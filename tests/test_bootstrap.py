@@ -95,8 +95,28 @@ def test_example_on_pythonpath_as_is_still_runs_the_users_sitecustomize(tmp_path
     (user / "sitecustomize.py").write_text("print('USER SITE')\n")
     proc = run_py(LOADED, env=child_env([EXAMPLE_DIR, user], VKD_ENABLE="1"))
     assert "USER SITE" in proc.stdout
-    loaded, _ = report(proc)
-    assert "wrapt.importer" in loaded  # and the example itself activated the shim
+    assert report(run_py(ACTIVE, env=child_env([EXAMPLE_DIR, user], VKD_ENABLE="1"))) is True  # and activated
+
+
+ACTIVE = "import sys; print('REPORT' + str(sys.modules['vkd_shim.bootstrap'].is_active()).lower())"
+
+
+@pytest.mark.parametrize("site_dir", [BOOTSTRAP_DIR, EXAMPLE_DIR], ids=["packaged", "example"])
+def test_switch_on_costs_a_process_that_never_imports_ms_swift_only_the_stdlib_bootstrap(site_dir):
+    """With VKD_ENABLE=1 exported in a shell, every Python process boots the shim. Until one imports ms-swift,
+    the shim is a finder waiting for `swift`: no wrapt (it pulls in asyncio), no importlib.metadata, no
+    layouts; the rest of the cost is measured by tests/benchmarks/bench_startup.py."""
+    proc = run_py(LOADED + "; " + ACTIVE.split("; ", 1)[1], env=child_env([site_dir], VKD_ENABLE="1"))
+    loaded, _ = json.loads(proc.stdout.splitlines()[0][len("REPORT") :])
+    assert proc.stdout.splitlines()[1] == "REPORTtrue"
+    assert not {m for m in loaded if m.split(".")[0] in HEAVY}
+    assert not {"asyncio", "importlib.metadata", "typing", "vkd_shim.swift_layouts"} & set(loaded)
+    assert {m for m in loaded if m.startswith("vkd_shim")} == {
+        "vkd_shim",
+        "vkd_shim.bootstrap",
+        "vkd_shim.env",
+        "vkd_shim.errors",
+    }
 
 
 def test_inline_block_without_the_switch_is_explained(tmp_path, capsys):
@@ -147,7 +167,7 @@ def test_import_before_activation_double_activation_and_deactivate():
     proc = run_py(code, env=child_env(VKD_ENABLE="1"))
     assert report(proc) == {}
     statuses = [json.loads(x)["status"] for x in proc.stderr.splitlines() if '"vkd.patch"' in x]
-    assert statuses.count("applied") == 2 * 3 + 2  # trainer (3) and pipeline (1), twice
+    assert statuses.count("applied") == 2 * 3 + 2 * 2  # trainer (3) and pipelines (sft, rlhf), twice
     assert any('"vkd.unpatch"' in x for x in proc.stderr.splitlines())
 
 

@@ -23,8 +23,10 @@ from vkd_shim.capture import (
     TEACHER,
     FeatureCapture,
     Target,
+    frozen_targets,
     resolve_targets,
     unwrap,
+    upstream_parameters,
     vision_tower,
 )
 from vkd_shim.errors import CaptureError, RoleUnknownError, TargetResolutionError
@@ -639,3 +641,46 @@ def test_capture_and_loss_import_no_heavy_dependencies():
     )
 
     assert json.loads(result.stdout) == []
+
+
+# --- what each target depends on (the trainability check at trainer construction) -------------------
+
+
+def test_upstream_parameters_follow_the_vision_towers_wiring():
+    """Measured, not assumed: the parameters whose gradient a target's feature actually reaches."""
+    model = models.build_qwen3_vl(seed=0).train()
+    visual = unwrap(model).model.visual
+    batch = kit_inputs.vision_inputs(model.config, n_images=1, seed=0)
+    for target in [Target("vit"), MERGER, DEEPSTACK_0, DEEPSTACK_1]:
+        cap = FeatureCapture(model, None, [target.kind], deepstack_layers=[target.index or 0])
+        cap.attach()
+        with cap.window(), cap.role(STUDENT):
+            visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"])
+            feature = cap.take()[STUDENT][target]
+        reached = {
+            name for name, p in visual.named_parameters()
+            if torch.autograd.grad(feature.square().sum(), p, allow_unused=True, retain_graph=True)[0] is not None
+        }  # fmt: skip
+        cap.detach()
+        declared = _names(visual, model, target)
+        assert declared == reached, (target.name, declared ^ reached)
+    # deepstack 0 taps block 0: later blocks do not feed it, the merger does not either
+    assert not any("blocks.1." in n or n.startswith("merger") for n in _names(visual, model, DEEPSTACK_0))
+
+
+def _names(visual, model, target):
+    return {name for name, p in visual.named_parameters() if any(p is q for q in upstream_parameters(model, target))}
+
+
+def test_frozen_targets_name_exactly_the_targets_nothing_trainable_feeds():
+    model = models.build_qwen3_vl(seed=0)
+    visual = unwrap(model).model.visual
+    visual.requires_grad_(False)
+    targets = [Target("vit"), MERGER, DEEPSTACK_0, DEEPSTACK_1]
+    assert frozen_targets(model, targets) == targets
+    visual.merger.requires_grad_(True)  # --freeze_aligner false with --freeze_vit true, roughly
+    assert frozen_targets(model, targets) == [Target("vit"), DEEPSTACK_0, DEEPSTACK_1]
+    visual.blocks[2].requires_grad_(True)  # a late block feeds vit and merger, not the deepstack taps (0, 1)
+    assert frozen_targets(model, targets) == [DEEPSTACK_0, DEEPSTACK_1]
+    visual.blocks[0].requires_grad_(True)
+    assert frozen_targets(model, targets) == []

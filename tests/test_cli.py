@@ -49,13 +49,32 @@ def test_doctor_makes_disabled_by_config_a_visible_decision(tmp_path):
     off.write_text("custom:\n  visual_kd:\n    enabled: false\n")
     proc = doctor(pythonpath=BOOTSTRAP_DIR, VKD_ENABLE="1", VKD_CONFIG=str(off))
     assert proc.returncode == 0, proc.stdout
-    assert "DECISION: VKD_ENABLE is on but the config turns the term off" in proc.stdout
+    assert "DECISION: the config turns the term off: the run trains without vision KD" in proc.stdout
 
 
 def test_doctor_refuses_a_switch_that_is_neither_on_nor_off():
     proc = doctor(pythonpath=BOOTSTRAP_DIR, VKD_ENABLE="enable")
     assert proc.returncode == 1
     assert "VKD_ENABLE = 'enable': neither on nor off" in proc.stdout
+
+
+def test_doctor_prints_the_monitor_decision_and_how_each_launch_path_activates():
+    proc = doctor(pythonpath=BOOTSTRAP_DIR, VKD_ENABLE="1", VKD_CONFIG=CONFIGS, VKD_MODE="monitor")
+    assert proc.returncode == 0, proc.stdout
+    assert "mode: 'monitor'  <- env:VKD_MODE" in proc.stdout
+    assert "MONITOR: the run measures each target's distance and relative drift" in proc.stdout
+    assert "a child Python process started by vkd-run activates: yes" in proc.stdout
+    # The checkout's editable install has no vkd_shim.pth: the doctor says the switch alone would not do.
+    assert "(vkd_shim.pth start-up hook) activates: no" in proc.stdout
+
+
+def test_doctor_configs_prints_the_shipped_recipe_as_a_vkd_config_value():
+    proc = subprocess.run(
+        [sys.executable, "-m", "vkd_shim", "configs"], capture_output=True, text=True, timeout=60, check=True
+    )
+    paths = proc.stdout.strip().split(os.pathsep)
+    assert [Path(p).name for p in paths] == ["visual_kd_base.yaml", "stage3_visual_kd.yaml"]
+    assert all(Path(p).is_file() for p in paths)
 
 
 def test_doctor_catches_a_gate_that_children_would_not_see():

@@ -59,6 +59,7 @@ def test_no_sources_gives_defaults():
     assert resolved.config == VisualKDConfig()
     assert resolved.config.to_dict() == {
         "enabled": True,
+        "mode": "anchor",
         "weight": 1.0,
         "targets": {"merger": 1.0, "deepstack": 1.0},
         "deepstack_layers": None,
@@ -173,6 +174,7 @@ def test_every_field_at_once_and_sources(tmp_path):
         tmp_path,
         """
         enabled: true
+        mode: monitor
         weight: 0.5
         targets: {merger: 1.5, deepstack: 0.25}
         deepstack_layers: [2, 0]
@@ -187,6 +189,7 @@ def test_every_field_at_once_and_sources(tmp_path):
     resolved = resolve(environ={ENV_CONFIG: path})
     assert resolved.config == VisualKDConfig(
         enabled=True,
+        mode="monitor",
         weight=0.5,
         targets=(("merger", 1.5), ("deepstack", 0.25)),
         deepstack_layers=(0, 2),
@@ -464,7 +467,7 @@ def test_unknown_key_suggests_the_close_match_and_lists_keys(tmp_path, key, sugg
     assert path in message
     assert f"did you mean '{suggestion}'?" in message
     assert message.endswith(
-        "allowed keys: enabled, weight, targets, deepstack_layers, distance, warmup_steps, nonfinite,"
+        "allowed keys: enabled, mode, weight, targets, deepstack_layers, distance, warmup_steps, nonfinite,"
         " teacher_nonfinite, no_visual, no_visual_steps"
     )
 
@@ -474,7 +477,7 @@ def test_unknown_key_without_close_match_still_lists_keys(tmp_path):
         resolve_block(tmp_path, "learning_rate: 0.1")
     assert "did you mean" not in str(caught.value)
     assert "unknown key" in str(caught.value)
-    assert caught.value.allowed.startswith("enabled, weight")
+    assert caught.value.allowed.startswith("enabled, mode, weight")
 
 
 # --- file-level errors ----------------------------------------------------------------------------------
@@ -683,6 +686,7 @@ def test_stage_overlay_merges_fields_and_replaces_selections(tmp_path):
     assert resolved.files == (base, stage)
     assert dict(resolved.sources) == {
         "enabled": "default",
+        "mode": "default",
         "weight": stage,
         "targets": stage,
         "deepstack_layers": stage,
@@ -784,6 +788,7 @@ def test_empty_env_values_are_unset(tmp_path):
         ),
         (ENV_TARGETS, ",", "{}", "selects no target", TARGETS_ALLOWED),
         (ENV_DISTANCE, "l1", "'l1'", "Invalid enum value 'l1'", "mse, cosine, nmse, relation"),
+        (env.MODE, "watch", "'watch'", "Invalid enum value 'watch'", "anchor, monitor"),
     ],
 )
 def test_env_errors_name_the_variable(name, raw, value, problem, allowed):
@@ -796,6 +801,20 @@ def test_env_errors_name_the_variable(name, raw, value, problem, allowed):
     assert (
         str(error) == f"invalid vision-KD config in env:{name}: {name} = {value}: {problem}; allowed values: {allowed}"
     )
+
+
+def test_monitor_mode_is_active_at_any_weight_and_adds_no_weight_notes(tmp_path):
+    """VKD_MODE=monitor on a run's existing config: the shim attaches and measures whatever the weight,
+    so `weight: 0` or all-zero target weights are not "the term is off" there."""
+    path = block_file(tmp_path, "weight: 0\ntargets: {merger: 0}")
+    anchored = resolve(environ={ENV_CONFIG: path})
+    assert not anchored.config.active and anchored.notes
+    monitored = resolve(environ={ENV_CONFIG: path, env.MODE: " Monitor "})
+    assert monitored.config.mode == "monitor" and monitored.config.monitor and monitored.config.active
+    assert monitored.sources["mode"] == "env:VKD_MODE"
+    assert monitored.notes == ()
+    disabled = resolve(environ={ENV_CONFIG: path, env.MODE: "monitor"}, inline={"enabled": False})
+    assert not disabled.config.active  # enabled: false turns monitoring off too
 
 
 def test_inline_block_loses_to_files_and_is_recorded(tmp_path):
@@ -987,6 +1006,7 @@ def test_to_event_is_json_ready(tmp_path):
         "config": resolved.config.to_dict(),
         "sources": {
             "enabled": "default",
+            "mode": "default",
             "weight": path,
             "targets": "default",
             "deepstack_layers": "default",

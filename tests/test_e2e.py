@@ -19,12 +19,30 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from e2e_support import (
+    FAIL_FAST_TIMEOUT_S,
+    GKD_MODULE,
+    LOADER_MARKER,
+    PROBE_FILE_ENV,
+    VKD_RUN,
+    VKD_SHIM,
+    eval_rows,
+    launch,
+    named,
+    read_jsonl,
+    report,
+    run_dir,
+    swift_env,
+    train_rows,
+    trained,
+    without,
+    write_config,
+)
 
 from vkd_shim.bootstrap import BOOTSTRAP_DIR
 from vkd_shim.testing import launch as kit
@@ -32,13 +50,7 @@ from vkd_shim.testing import launch as kit
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[1]
-VKD_RUN = Path(sys.executable).with_name("vkd-run")
-VKD_SHIM = Path(sys.executable).with_name("vkd-shim")
 SHIPPED_CONFIGS = (REPO / "configs" / "visual_kd_base.yaml", REPO / "configs" / "stage3_visual_kd.yaml")
-TRAIN_TIMEOUT_S = 600
-FAIL_FAST_TIMEOUT_S = 240
-
-GKD_MODULE = "swift.rlhf_trainers.gkd_trainer"
 PIPELINE_POINT = "swift.pipelines.train.rlhf:SwiftRLHF._prepare_model_tokenizer"
 TRAINER_POINTS = {f"{GKD_MODULE}:GKDTrainer.{name}" for name in ("__init__", "compute_loss", "log")}
 TARGETS = ["merger", "deepstack_0", "deepstack_1"]
@@ -49,138 +61,14 @@ METRIC_KEYS = (
     "vision_kd/skipped",
 )
 
-PROBE_FILE_ENV = "E2E_PROBE_FILE"
-LOADER_MARKER = "E2E-PROBE: model loader entered"
-# A user's own sitecustomize.py, later on PYTHONPATH than the bootstrap (which chains to it). It watches
-# the run from outside the shim. It prints a marker on every entry into ms-swift's model loaders: the RLHF
-# pipeline's per-model step and the ModelLoader behind every student and teacher load (transformers'
-# from_pretrained cannot be wrapped: ms-swift swaps it out and back around each load). It also records
-# what every GKD compute_loss call was given (mode, step, visual inputs, on-policy or dataset rows), so
-# tests know which steps carried pixels without asking the shim.
-PROBE_SITECUSTOMIZE = f'''
-import json
-import os
-import sys
-
-if os.environ.get("{PROBE_FILE_ENV}"):
-    from wrapt import when_imported, wrap_function_wrapper
-
-    def _emit(**record):
-        with open(os.environ["{PROBE_FILE_ENV}"], "a", encoding="utf-8") as sink:
-            sink.write(json.dumps({{"pid": os.getpid(), **record}}) + "\\n")
-
-    def _loader(wrapped, instance, args, kwargs):
-        print("{LOADER_MARKER}", getattr(wrapped, "__qualname__", wrapped), file=sys.stderr, flush=True)
-        return wrapped(*args, **kwargs)
-
-    def _compute_loss(wrapped, instance, args, kwargs):
-        inputs = args[1] if len(args) > 1 else kwargs["inputs"]
-        model_inputs = inputs.get("model_inputs", inputs)
-        source = getattr(inputs.get("gkd_batch"), "data_source", None)
-        _emit(
-            mode="train" if instance.model.training else "eval",
-            step=instance.state.global_step,
-            image=model_inputs.get("pixel_values") is not None,
-            video=model_inputs.get("pixel_values_videos") is not None,
-            source=getattr(source, "value", None),
-        )
-        return wrapped(*args, **kwargs)
-
-    @when_imported("swift.pipelines.train.rlhf")
-    def _on_pipeline(module):
-        wrap_function_wrapper(module, "SwiftRLHF._prepare_single_model", _loader)
-
-    @when_imported("swift.model.register")
-    def _on_model_loader(module):
-        wrap_function_wrapper(module, "ModelLoader.load", _loader)
-
-    @when_imported("{GKD_MODULE}")
-    def _on_trainer(module):
-        wrap_function_wrapper(module, "GKDTrainer.compute_loss", _compute_loss)
-'''
-
 # Checks, in a process without the shim, that ms-swift's own loader (the calls `swift infer --adapters`
 # makes) restores every adapter tensor of a checkpoint written under vision KD, bit for bit.
 CHECKPOINT_PROBE = REPO / "tests" / "checkpoint_probe.py"
 
 
-# --- helpers ---------------------------------------------------------------------------------------
-
-
-def swift_env(cache: Path, *pythonpath: str | os.PathLike[str], **extra: str | os.PathLike[str]) -> dict:
-    """the kit's offline single-process env, minus anything of ours the test process may carry."""
-    env = kit.gkd_env(cache_dir=cache)
-    for name in [k for k in env if k.startswith("VKD_")] + ["PYTHONPATH", PROBE_FILE_ENV]:
-        env.pop(name, None)
-    if pythonpath:
-        env["PYTHONPATH"] = os.pathsep.join(str(p) for p in pythonpath)
-    env.update({name: str(value) for name, value in extra.items()})
-    return env
-
-
-def launch(argv: list, env: dict, timeout: int = TRAIN_TIMEOUT_S) -> subprocess.CompletedProcess:
-    return subprocess.run([str(a) for a in argv], env=env, capture_output=True, text=True, timeout=timeout, check=False)
-
-
-def report(proc: subprocess.CompletedProcess) -> str:
-    return (
-        f"exit {proc.returncode}\n--- stdout tail ---\n{proc.stdout[-3000:]}\n"
-        f"--- stderr tail ---\n{proc.stderr[-5000:]}"
-    )
-
-
-def trained(proc: subprocess.CompletedProcess) -> None:
-    assert proc.returncode == 0, report(proc)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def named(events: list[dict], name: str) -> list[dict]:
-    return [e for e in events if e["event"] == name]
-
-
-def write_config(path: Path, **block) -> Path:
-    path.write_text(yaml.safe_dump({"custom": {"visual_kd": block}}), encoding="utf-8")
-    return path
-
-
-def run_dir(output_dir: Path, version: int = 0) -> Path:
-    (found,) = output_dir.glob(f"v{version}-*")
-    return found
-
-
-def step_of(row: dict) -> int:
-    return int(row["global_step/max_steps"].split("/")[0])
-
-
-def train_rows(rows: list[dict]) -> dict[int, dict]:
-    return {step_of(r): r for r in rows if "loss" in r}
-
-
-def eval_rows(rows: list[dict]) -> dict[int, dict]:
-    return {step_of(r): r for r in rows if "eval_loss" in r}
-
-
 def unweighted(row: dict, prefix: str, target_weights: dict[str, float]) -> float:
     """Σ target_weight × per-target distance, from the per-target metrics of one log row."""
     return sum(target_weights[t.split("_")[0]] * row[f"{prefix}vision_kd/{t}"] for t in TARGETS)
-
-
-def without(argv: list[str], *flags: str) -> list[str]:
-    """Drop `--flag value` pairs (the command's flags all take one value)."""
-    out, skip = [], False
-    for item in argv:
-        if skip:
-            skip = False
-        elif item in flags:
-            skip = True
-        else:
-            out.append(item)
-    return out
 
 
 def assert_finite_metrics(row: dict, prefix: str = "") -> None:
@@ -189,13 +77,6 @@ def assert_finite_metrics(row: dict, prefix: str = "") -> None:
         assert math.isfinite(row[f"{prefix}{key}"]), row
     assert row[f"{prefix}vision_kd/tokens"] > 0, row
     assert row[f"{prefix}vision_kd/skipped"] == 0, row
-
-
-@pytest.fixture(scope="module")
-def probe_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("user_site")
-    (path / "sitecustomize.py").write_text(PROBE_SITECUSTOMIZE, encoding="utf-8")
-    return path
 
 
 # --- 1. the default path ---------------------------------------------------------------------------
@@ -479,16 +360,20 @@ def test_resume_follows_the_restored_step_and_plain_swift_loads_the_checkpoint(g
 # --- 5. backwards compatibility ----------------------------------------------------------------------
 
 
-def test_switched_off_paths_train_bit_for_bit_like_plain_swift(gkd_assets, swift_cache, tmp_path):
-    """Same seed, default lmbda (sampling included), three launches: plain `swift rlhf` without the
-    bootstrap; the bootstrap on PYTHONPATH with VKD_ENABLE unset; vkd-run with `weight: 0`. The logged
-    loss, grad_norm and learning rate of every step and the saved adapter must be identical: the
-    switched-off shim may not consume randomness, reorder work or touch the loss.
+def test_switched_off_and_monitored_paths_train_bit_for_bit_like_plain_swift(gkd_assets, swift_cache, tmp_path):
+    """Same seed, default lmbda (sampling included), four launches: plain `swift rlhf` without the
+    bootstrap; the bootstrap on PYTHONPATH with VKD_ENABLE unset; vkd-run with `weight: 0`; vkd-run with
+    `VKD_MODE=monitor` on a config whose weight is 1. The logged loss, grad_norm and learning rate of every
+    step and the saved adapter must be identical: neither the switched-off nor the monitoring shim may
+    consume randomness, reorder work or touch the loss. The monitored run logs each target's distance and
+    relative drift (and no vision_kd_loss: nothing was added).
     """
     extra = ("--max_steps", "3", "--save_steps", "3", "--eval_strategy", "no")
-    outs = [tmp_path / f"out_{name}" for name in ("plain", "gate_off", "weight_0")]
-    gate_off_events, weight_0_events = tmp_path / "gate_off.jsonl", tmp_path / "weight_0.jsonl"
+    names = ("plain", "gate_off", "weight_0", "monitor")
+    outs = [tmp_path / f"out_{name}" for name in names]
+    gate_off_events, weight_0_events, monitor_events = (tmp_path / f"{n}.jsonl" for n in names[1:])
     config = write_config(tmp_path / "vkd.yaml", weight=0)
+    monitored = write_config(tmp_path / "monitor.yaml", weight=1.0)
     launches = [
         (kit.gkd_command(gkd_assets, outs[0], *extra), swift_env(swift_cache)),
         (
@@ -496,15 +381,19 @@ def test_switched_off_paths_train_bit_for_bit_like_plain_swift(gkd_assets, swift
             swift_env(swift_cache, BOOTSTRAP_DIR, VKD_LOG_FILE=gate_off_events),
         ),
         (
+            [VKD_RUN, "--config", config, "--log-file", weight_0_events, *kit.gkd_command(gkd_assets, outs[2], *extra)],
+            swift_env(swift_cache),
+        ),
+        (
             [
                 VKD_RUN,
                 "--config",
-                config,
+                monitored,
                 "--log-file",
-                weight_0_events,
-                *kit.gkd_command(gkd_assets, outs[2], *extra),
+                monitor_events,
+                *kit.gkd_command(gkd_assets, outs[3], *extra),
             ],
-            swift_env(swift_cache),
+            swift_env(swift_cache, VKD_MODE="monitor"),
         ),
     ]
     for argv, env in launches:
@@ -518,18 +407,31 @@ def test_switched_off_paths_train_bit_for_bit_like_plain_swift(gkd_assets, swift
 
     plain = trajectory(outs[0])
     assert [s for s, *_ in plain] == [1, 2, 3]
-    assert trajectory(outs[1]) == plain
-    assert trajectory(outs[2]) == plain
+    for out in outs[1:]:
+        assert trajectory(out) == plain, out.name
     adapters = [(run_dir(o) / "checkpoint-3" / "adapter_model.safetensors").read_bytes() for o in outs]
-    assert adapters[1] == adapters[0] and adapters[2] == adapters[0]
+    assert all(adapter == adapters[0] for adapter in adapters[1:])
 
-    for out in outs:
+    for out in outs[:3]:
         assert not any(k.startswith("vision_kd") for row in kit.read_logging_jsonl(out) for k in row)
     assert not gate_off_events.exists(), "with VKD_ENABLE unset the shim must not even start"
     events = read_jsonl(weight_0_events)
     (note,) = named(events, "vkd.config.note")
     assert "weight = 0" in note["note"]
     assert not named(events, "vkd.attach")
+
+    visual = [r for r in train_rows(kit.read_logging_jsonl(outs[3])).values() if "vision_kd/tokens" in r]
+    assert visual, "the monitored run saw no visual step"
+    for row in visual:
+        assert "vision_kd_loss" not in row
+        for target in TARGETS:
+            assert math.isfinite(row[f"vision_kd/{target}"]) and math.isfinite(row[f"vision_kd/drift/{target}"])
+        assert any(row[f"vision_kd/drift/{t}"] > 0 for t in TARGETS)  # different seeds: the aligners differ
+    events = read_jsonl(monitor_events)
+    (attach,) = named(events, "vkd.attach")
+    assert attach["mode"] == "monitor"
+    (summary,) = named(events, "vkd.summary")
+    assert summary["mode"] == "monitor" and set(summary["mean_drift_per_target"]["train"]) == set(TARGETS)
 
 
 # --- 6. refusals before any model loads ----------------------------------------------------------------
@@ -569,6 +471,14 @@ REFUSALS = {
         ("no --teacher_model", "pass --teacher_model"),
     ),
     "aligner_and_vit_frozen": ({}, (), ("--freeze_aligner", "true"), {}, ("both frozen", "--freeze_aligner false")),
+    # The merger's LoRA trains, but nothing feeds the ViT output entering it (ms-swift's --freeze_vit true).
+    "vit_behind_a_frozen_vit": (
+        {"targets": {"merger": 1.0, "vit": 1.0}},
+        (),
+        (),
+        {},
+        ("targets include vit", "--freeze_vit false"),
+    ),
     "deepstack_layer_out_of_range": ({"deepstack_layers": [5]}, (), (), {}, ("[5]", "0..1")),
     "teacher_with_more_deepstack_mergers": (
         {},

@@ -68,6 +68,7 @@ def test_no_module_but_env_spells_a_variable_name():
         env.WEIGHT,
         env.TARGETS,
         env.DISTANCE,
+        env.MODE,
         env.LOG_FILE,
         env.INLINE,
         env.INLINE_SOURCE,

@@ -259,3 +259,34 @@ def test_no_visual_warn_lets_a_text_only_pipeline_finish(assets, shim, tmp_path)
     assert len([r for r in run["rows"] if "loss" in r]) == 3
     levels = [e["level"] for e in read_events(tmp_path) if e["event"] == "vkd.no_visual"]
     assert levels and set(levels) == {"warning"}  # the stretch, then the whole run
+
+
+def test_monitor_mode_measures_every_step_and_hands_back_the_loss_untouched(assets, shim, recorder, mocker, tmp_path):
+    """mode: monitor on the real trainer: every call returns exactly what ms-swift computed; the distances
+    and the relative drift are computed (under no_grad) and logged in train and eval; no vision_kd_loss."""
+    shim(weight=5.0, mode="monitor")
+    outer = mocker.spy(runtime.TrainerKD, "compute_loss")
+    terms = mocker.spy(runtime.TrainerKD, "_term")
+    run = train(assets, tmp_path / "out", "--max_steps", "3", "--eval_steps", "3", "--save_strategy", "no")
+    for got, base in zip(outer.spy_return_list, recorder, strict=True):
+        assert torch.equal((got[0] if isinstance(got, tuple) else got).detach(), base["base"])
+    measured = [t for t in terms.spy_return_list if t is not None]
+    assert measured and not any(t.requires_grad for t in measured)  # computed without a graph
+    names = ["merger", "deepstack_0", "deepstack_1"]
+    visual = [r for r in run["rows"] if "vision_kd/tokens" in r]
+    evaluated = [r for r in run["rows"] if "eval_vision_kd/tokens" in r]
+    assert visual and evaluated
+    for row in visual:
+        assert "vision_kd_loss" not in row
+        assert all(row[f"vision_kd/drift/{n}"] > 0 and math.isfinite(row[f"vision_kd/{n}"]) for n in names)
+    assert all("eval_vision_kd_loss" not in r and f"eval_vision_kd/drift/{names[0]}" in r for r in evaluated)
+
+
+def test_the_exact_check_refuses_a_target_nothing_trainable_feeds(assets, shim, mocker, tmp_path):
+    """Names can unfreeze anything, so the preflight lets `trainable_parameters_regex` through; at trainer
+    construction the shim checks each target's own inputs: here the regex unfreezes only the merger, so the
+    ViT output entering it (`vit`) cannot move, and the run stops naming that target."""
+    shim(weight=1.0, targets="[merger, vit]")
+    regex = r".*visual\.merger\..*"
+    with pytest.raises(RefusedError, match=r"targets include vit.*--freeze_vit false"):
+        train(assets, tmp_path / "vit", *ONE_STEP, "--freeze_aligner", "true", "--trainable_parameters_regex", regex)

@@ -231,6 +231,29 @@ def test_preflight_refusals(events, mocker, overrides, match):
     assert refused["fix"] and re.search(match, refused["reason"])
 
 
+def test_preflight_refuses_what_cannot_train_per_target_and_lets_monitoring_through():
+    vit = VisualKDConfig(targets={"merger": 1.0, "vit": 1.0})
+    assert preflight.check(rlhf_args(), vit) == [preflight.FROZEN_VIT]  # the merger's LoRA cannot move the ViT
+    assert preflight.check(rlhf_args(freeze_vit=False), vit) == []
+    assert preflight.check(rlhf_args(trainable_parameters_regex=r"visual\.blocks"), vit) == []  # exact check later
+    monitor = VisualKDConfig(mode="monitor", targets=["vit"])
+    assert preflight.check(rlhf_args(freeze_aligner=True), monitor) == []  # a frozen aligner's drift is data too
+    assert preflight.check(rlhf_args(rlhf_type="dpo"), monitor)  # ...but only GKD has a teacher pass
+
+
+def test_training_without_a_teacher_pipeline_is_refused_before_loading(events, mocker):
+    """`swift sft` / `swift pt` with the switch on: their pipeline (SwiftSft) has no rlhf_type."""
+    original = mocker.Mock()
+    sft = types.SimpleNamespace(args=types.SimpleNamespace(model="/models/student", freeze_aligner=False))
+    with pytest.raises(RefusedError, match=r"trains without a teacher \(swift sft / swift pt\)"):
+        patches._wrap_train_preflight(original, sft, (), {})
+    original.assert_not_called()
+    assert preflight.check(sft.args, VisualKDConfig()) == [preflight.NOT_RLHF]
+    # An RLHF pipeline reaches SwiftSft's method through super(): its own point already ran the preflight.
+    patches._wrap_train_preflight(original, types.SimpleNamespace(args=rlhf_args(rlhf_type="dpo")), (), {})
+    original.assert_called_once()
+
+
 def test_preflight_lets_lora_self_distillation_and_an_unfrozen_vit_through():
     config = VisualKDConfig()
     assert preflight.check(rlhf_args(teacher_model=None, _teacher_use_disable_adapter=True), config) == []

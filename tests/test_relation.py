@@ -183,7 +183,7 @@ def args_for(tmp_path, student: dict, teacher: dict):
         teacher_model=model_dir(tmp_path / "teacher", **teacher),
         model_dir=model_dir(tmp_path / "student", **student),
         freeze_aligner=False,
-        freeze_vit=True,
+        freeze_vit=False,  # the vit cases need a trainable ViT (a frozen one is refused on its own)
     )
 
 

@@ -79,7 +79,7 @@ def test_every_weight_is_bounded_by_max_weight():
 def test_choices_are_lower_case_because_the_edge_folds_case():
     # _normalize lower-cases choices before msgspec sees them: an upper-case choice could never match.
     literals = [choice for name in VisualKDConfig.__struct_fields__ for lit in _literals(HINTS[name]) for choice in lit]
-    assert len(literals) == 3 * 3 + 4 + 3 * 2  # targets' three forms, distance and the three policies
+    assert len(literals) == 2 + 3 * 3 + 4 + 3 * 2  # mode, targets' three forms, distance and the three policies
     assert all(choice == choice.strip().lower() for choice in literals)
 
 
@@ -91,7 +91,7 @@ def test_allowed_text_of_a_choice_field_lists_exactly_its_choices():
         if typing.get_origin(annotation) is typing.Literal:
             assert by_name[name]["allowed"] == ", ".join(typing.get_args(annotation)), name
             checked.append(name)
-    assert checked == ["distance", "nonfinite", "teacher_nonfinite", "no_visual"]
+    assert checked == ["mode", "distance", "nonfinite", "teacher_nonfinite", "no_visual"]
 
 
 # --- schema() -------------------------------------------------------------------------------------
@@ -102,6 +102,7 @@ def test_schema_describes_every_field_once_in_declaration_order():
     assert [spec["name"] for spec in specs] == list(VisualKDConfig.__struct_fields__) == list(schema.FIELDS)
     assert schema.FIELDS == (
         "enabled",
+        "mode",
         "weight",
         "targets",
         "deepstack_layers",

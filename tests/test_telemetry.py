@@ -227,10 +227,23 @@ def test_unwritable_log_file_falls_back_to_stderr_and_says_so(tmp_path, capsys):
 
     lines = parse_lines(capsys.readouterr().err)
     assert [line["event"] for line in lines] == ["vkd.activate", "vkd.log_file_error", "vkd.attach"]
-    assert lines[1]["level"] == "error"
+    assert lines[1]["level"] == "warning"  # the run goes on, its lines on stderr
     assert lines[1]["path"] == str(blocker / "vkd.jsonl")
     assert lines[1]["error"].startswith(("FileExistsError", "NotADirectoryError"))
     assert log.dropped == 0
+    assert log.file_error == lines[1]["error"]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
+def test_a_file_that_opens_but_takes_no_write_is_found_by_writing(capsys):
+    """/dev/full opens for append like any file; only a write fails (ENOSPC), as a full disk would."""
+    probe = EventLogger(path="/dev/full", fallback=False)  # the doctor's probe: no fallback, nothing printed
+    probe.info("vkd.doctor", launch=[])
+    assert "No space left on device" in probe.file_error and probe.dropped == 1
+    assert capsys.readouterr().err == ""
+    run = EventLogger(path="/dev/full")  # the run's logger: one warning, then stderr
+    run.info("vkd.attach")
+    assert [line["event"] for line in parse_lines(capsys.readouterr().err)] == ["vkd.attach", "vkd.log_file_error"]
 
 
 def test_get_logger_is_a_lazy_singleton_and_reset_drops_it():
@@ -260,7 +273,7 @@ def test_event_table_names_are_namespaced_and_described():
     required = {
         "vkd.activate", "vkd.config", "vkd.config.invalid", "vkd.config.note", "vkd.disabled", "vkd.version",
         "vkd.patch", "vkd.unpatch", "vkd.refuse", "vkd.attach", "vkd.skip", "vkd.nonfinite",
-        "vkd.no_visual", "vkd.summary", "vkd.log_file_error",
+        "vkd.no_visual", "vkd.summary", "vkd.log_file_error", "vkd.doctor",
     }  # fmt: skip
     assert set(EVENTS) == required
     assert all(name.startswith("vkd.") for name in EVENTS)

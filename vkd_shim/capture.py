@@ -143,6 +143,36 @@ def vision_tower(model: nn.Module, aligner: Sequence[str] | None = None) -> nn.M
     return _lookup(root, parent) if parent else root
 
 
+def upstream_parameters(model: nn.Module, target: Target, aligner: Sequence[str] | None = None) -> list[nn.Parameter]:
+    """The parameters a target's feature depends on (what the term can move): ``vit`` the ViT's own,
+    ``merger`` those plus the merger's, ``deepstack_i`` the ViT up to the block it taps
+    (``deepstack_visual_indexes``) plus its merger. Without that attribute every block counts."""
+    root = unwrap(model)
+    found = _locate(root, aligner)
+    tower = vision_tower(root, aligner)
+    if tower is None:
+        return []
+    merger = found[MERGER][1] if found[MERGER] else None
+    deepstack = found[DEEPSTACK][1] if found[DEEPSTACK] else nn.ModuleList()
+    own = {id(p) for m in (merger, *deepstack) if m is not None for p in m.parameters()}
+    blocks = getattr(tower, "blocks", None)
+    taps = getattr(tower, "deepstack_visual_indexes", None)
+    later_blocks: set[int] = set()
+    if target.kind == DEEPSTACK and isinstance(blocks, nn.ModuleList) and taps is not None:
+        later_blocks = {id(p) for block in blocks[taps[target.index] + 1 :] for p in block.parameters()}
+    vit = [p for p in tower.parameters() if id(p) not in own and id(p) not in later_blocks]
+    if target.kind == MERGER and merger is not None:
+        return [*vit, *merger.parameters()]
+    if target.kind == DEEPSTACK:
+        return [*vit, *deepstack[target.index].parameters()]
+    return vit
+
+
+def frozen_targets(model: nn.Module, targets: Iterable[Target], aligner: Sequence[str] | None = None) -> list[Target]:
+    """Targets whose feature depends on no trainable parameter: a term on them is a constant."""
+    return [t for t in targets if not any(p.requires_grad for p in upstream_parameters(model, t, aligner))]
+
+
 def resolve_targets(
     model: nn.Module,
     kinds: Iterable[str],

@@ -15,6 +15,22 @@ import sys
 from vkd_shim import env
 
 RUN_USAGE = "usage: vkd-run [--config PATHS] [--log-file PATH] [--write-deepspeed-env] [--] command [args ...]"
+RUN_HELP = """
+Runs the command with vision KD activated in it and in every process it starts: sets VKD_ENABLE=1, puts
+vkd_shim's bootstrap first on PYTHONPATH (your own sitecustomize.py still runs) and execs the command, so
+the PID, signals and exit code are the command's own. Every option only sets a variable for the command.
+
+options:
+  --config PATHS          VKD_CONFIG: config files holding custom.visual_kd, separated by ':', merged in order
+                          (the shipped Stage-3 recipe: --config "$(vkd-shim configs)")
+  --log-file PATH         VKD_LOG_FILE: append the shim's JSON event lines to PATH. Without it they go to
+                          stderr, mixed with ms-swift's own output; a path that cannot be written falls back
+                          to stderr with a vkd.log_file_error warning. Use a node-local path on multi-node runs.
+  --write-deepspeed-env   also write the VKD_* lines into ./.deepspeed_env (DS_ENV_FILE renames it): DeepSpeed's
+                          multi-node runner forwards only PYTHON* variables and that file's lines
+  -h, --help              this text
+
+Check a launch first, without loading a model: vkd-shim doctor -- swift rlhf ...""".strip("\n")
 #: Interpreter options under which no sitecustomize runs or PYTHONPATH is ignored: -I (isolated: no
 #: PYTHONPATH, no user site), -E (no PYTHON* variables), -S (no site module, so no sitecustomize).
 _BLIND_FLAGS = {"I": "-I ignores PYTHONPATH", "E": "-E ignores PYTHONPATH", "S": "-S skips sitecustomize"}
@@ -56,7 +72,7 @@ def run_main(argv: list[str] | None = None) -> int:
             break
         if flag in ("-h", "--help"):
             print(RUN_USAGE)
-            print("Runs the command with VKD_ENABLE=1 and vkd_shim's bootstrap first on PYTHONPATH.")
+            print(RUN_HELP)
             return 0
         if flag == "--write-deepspeed-env" and not equals:
             write_ds_env, argv = True, argv[1:]

@@ -190,6 +190,7 @@ _ENV_OVERRIDES = (
     (env.WEIGHT, "weight", functools.partial(_env_number, env.WEIGHT)),
     (env.TARGETS, "targets", _env_targets),
     (env.DISTANCE, "distance", str),
+    (env.MODE, "mode", str),
 )
 
 
@@ -225,9 +226,9 @@ def _notes(config: VisualKDConfig, sources: Mapping[str, str]) -> tuple[str, ...
     notes = []
     if not config.enabled:
         notes.append(f"enabled = false ({sources['enabled']}): the vision-KD term is off for this run")
-    elif config.weight == 0:
+    elif config.weight == 0 and not config.monitor:
         notes.append(f"weight = 0 ({sources['weight']}) while enabled: the term is off")
-    elif all(weight == 0 for _, weight in config.targets):
+    elif not config.monitor and all(weight == 0 for _, weight in config.targets):
         notes.append(f"every target weight is 0 ({sources['targets']}): the term adds nothing")
     if config.deepstack_layers is not None and "deepstack" not in config.kinds:
         notes.append(
@@ -257,7 +258,8 @@ def resolve(
        None, what the CLI process left in ``VKD_INLINE_CONFIG``);
     3. each file of ``VKD_CONFIG`` (``os.pathsep``-separated, empty entries ignored), in order, so a
        stage overlay listed after its base wins;
-    4. the env overrides ``VKD_WEIGHT``, ``VKD_TARGETS``, ``VKD_DISTANCE`` (empty means unset).
+    4. the env overrides ``VKD_WEIGHT``, ``VKD_TARGETS``, ``VKD_DISTANCE``,
+       ``VKD_MODE`` (empty means unset).
 
     Sources merge field by field; ``targets`` and ``deepstack_layers`` are selections, so a later
     source replaces them whole. Each source is validated as it is read, so an error names the source

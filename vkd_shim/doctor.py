@@ -11,7 +11,9 @@ nothing and starts no training. Heavy modules are imported inside the command on
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import itertools
 import os
 import subprocess
 import sys
@@ -35,13 +37,27 @@ class _Report:
         print(f"  PROBLEM: {text}")
         self.problems.append(text)
 
+    def warning(self, text: str) -> None:
+        """Something the user should know that does not stop the run (so not in the verdict)."""
+        print(f"  WARNING: {text}")
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vkd-shim", description="vkd_shim tools")
     sub = parser.add_subparsers(dest="command", required=True)
     doc = sub.add_parser("doctor", help="check what a launch would do (config, models, patch points); start nothing")
     doc.add_argument("launch", nargs=argparse.REMAINDER, help="-- swift rlhf ARGS... (the launch to check)")
+    sub.add_parser(
+        "configs",
+        help="print the shipped Stage-3 recipe (base config and overlay) as a VKD_CONFIG value",
+        description='export VKD_CONFIG="$(vkd-shim configs)" uses the configs the package ships (copy them to tune).',
+    )
     opts = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if opts.command == "configs":
+        from vkd_shim import examples
+
+        print(examples.stage3_value())
+        return 0
     launch = opts.launch[1:] if opts.launch[:1] == ["--"] else opts.launch
     return doctor(launch)
 
@@ -57,17 +73,34 @@ def doctor(launch: list[str]) -> int:
     report.section("activation")
     try:
         on = env.gate()
-        report.line(f"{env.ENABLE}={os.environ.get(env.ENABLE, '')!r} ({'on' if on else 'off'})")
+        state = "on" if on else "off: a launch from this shell, as written, trains WITHOUT vision KD"
+        report.line(f"{env.ENABLE}={os.environ.get(env.ENABLE, '')!r} ({state})")
     except ConfigError as exc:
         on = True
         report.problem(str(exc))
-    child = _child_activation()
-    report.line(f"a child Python process started with this environment activates: {child}")
-    if on and child != "yes":
-        report.problem("VKD_ENABLE is on but a child process would not activate (launch under vkd-run)")
+    if not on:
+        report.line("checked below as the vision-KD run it becomes under vkd-run (or with VKD_ENABLE=1)")
+    # The switch alone: no bootstrap directory on PYTHONPATH, so only the installed vkd_shim.pth can boot it.
+    path = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != env.bootstrap_dir()]
+    alone = _child_activation({**os.environ, env.ENABLE: "1", "PYTHONPATH": os.pathsep.join(path)})
+    report.line(
+        f"a child Python process started with VKD_ENABLE=1 alone (vkd_shim.pth start-up hook) activates: {alone}"
+    )
+    launched = _child_activation(env.launch_env(os.environ))
+    report.line(f"a child Python process started by vkd-run activates: {launched}")
+    if on:
+        child = _child_activation(os.environ)
+        report.line(f"a child Python process started with this environment activates: {child}")
+        if child != "yes":
+            report.problem(
+                "VKD_ENABLE is on but a child process would not activate (no vkd_shim.pth in this interpreter's"
+                " site-packages, as after an editable install): launch under vkd-run, or pip install the wheel"
+            )
+    elif launched != "yes":
+        report.problem("a process started by vkd-run would not activate: reinstall vkd-shim")
     for problem in env.deepspeed_env_problems(os.environ):
         report.problem(problem)
-    _log_file(report, env)
+    _log_file(report, env, launch)
 
     report.section("versions")
     from vkd_shim import swift_layouts
@@ -85,7 +118,7 @@ def doctor(launch: list[str]) -> int:
     _patch_points(report, layout)
 
     report.section("launch" if launch else "config")
-    _launch(report, launch, layout, on)
+    _launch(report, launch, layout)
 
     report.section("result")
     print("  OK" if not report.problems else f"  {len(report.problems)} problem(s): the run would stop")
@@ -99,18 +132,24 @@ def _version(name: str) -> str:
         return "not installed"
 
 
-def _log_file(report: _Report, env: Any) -> None:
+def _log_file(report: _Report, env: Any, launch: list[str]) -> None:
+    """Where the run's events would go, found the way the run finds it: by writing one event there."""
+    from vkd_shim import telemetry
+
     path = os.environ.get(env.LOG_FILE)
     if not path:
-        report.line(f"{env.LOG_FILE} unset: events go to stderr")
+        report.line(f"{env.LOG_FILE} unset: events go to stderr, mixed with ms-swift's output (set it to a file)")
         return
-    try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "a", encoding="utf-8"):
-            pass
-        report.line(f"{env.LOG_FILE}={path} (writable)")
-    except OSError as exc:
-        report.problem(f"{env.LOG_FILE}={path} cannot be written ({exc.strerror}); events would go to stderr")
+    log = telemetry.EventLogger(path=path, fallback=False)
+    log.info("vkd.doctor", launch=launch, cwd=os.getcwd())
+    log.close()
+    if log.file_error is None:
+        report.line(f"{env.LOG_FILE}={path} (writable: a vkd.doctor line was written there)")
+    else:
+        report.warning(
+            f"{env.LOG_FILE}={path} cannot be written ({log.file_error}): the run would write its events to"
+            " stderr instead, with a vkd.log_file_error warning"
+        )
 
 
 def _patch_points(report: _Report, layout: Any) -> None:
@@ -139,25 +178,35 @@ def _patch_points(report: _Report, layout: Any) -> None:
         report.line(f"[ok] {name}")
 
 
-def _launch(report: _Report, launch: list[str], layout: Any, on: bool) -> None:
-    from vkd_shim import config, patches, preflight
+def _launch(report: _Report, launch: list[str], layout: Any) -> None:
+    """The launch as the vision-KD run would see it, whatever this shell's switch says: a user who asks
+    the doctor is asking about vision KD."""
+    from vkd_shim import config, patches, preflight, swift_layouts
     from vkd_shim.errors import ConfigError, VisionKDError
 
     inline = source = args = None
     if launch:
-        if len(launch) < 2 or os.path.basename(launch[0]) != "swift" or launch[1] != "rlhf":
-            report.problem(f"the launch to check must be `swift rlhf ...`, got {' '.join(launch[:2])!r}")
+        command = swift_layouts.command_of(launch)
+        if os.path.basename(launch[0]) not in ("swift", "megatron") or command is None:
+            report.problem(f"the launch to check must be an ms-swift command (`swift rlhf ...`), got {launch[0]!r}")
+            return
+        if command not in swift_layouts.TRAINING_COMMANDS:
+            report.line(f"`{os.path.basename(launch[0])} {command}` does not train: the shim stays out of it")
+            return
+        if os.path.basename(launch[0]) == "megatron":
+            report.problem("vision KD refused: Megatron-SWIFT is not supported yet. Fix: use `swift rlhf`.")
             return
         argv = launch[2:]
         source = layout.config_source(argv)
-        cli_module, cli_function = layout.points["cli_yaml"]
+        cli_module, cli_function = layout.points[swift_layouts.CLI_YAML]
         try:
             getattr(importlib.import_module(cli_module), cli_function)(argv)  # ms-swift's own YAML expansion
             inline = patches.extract_inline(argv, source=source)
         except (VisionKDError, OSError, ValueError) as exc:
             report.problem(str(exc))
             return
-        args = _parse_swift_args(report, layout, argv)
+        role = swift_layouts.PIPELINE_PREFLIGHT if command == "rlhf" else swift_layouts.TRAIN_PREFLIGHT
+        args = _parse_swift_args(report, layout.points[role], argv)
     try:
         resolved = config.resolve(inline=inline, inline_source=source) if launch else config.resolve()
     except ConfigError as exc:
@@ -168,9 +217,15 @@ def _launch(report: _Report, launch: list[str], layout: Any, on: bool) -> None:
         report.line(f"{name}: {value!r}  <- {resolved.sources[name]}")
     for note in resolved.notes:
         report.line(f"note: {note}")
-    if on and not resolved.config.active:
-        report.line("DECISION: VKD_ENABLE is on but the config turns the term off: the run trains without vision KD")
-    if args is None or not (on and resolved.config.active):
+    if not resolved.config.active:
+        report.line("DECISION: the config turns the term off: the run trains without vision KD")
+        return
+    if resolved.config.monitor:
+        report.line(
+            "MONITOR: the run measures each target's distance and relative drift from the teacher"
+            " (vision_kd/<target>, vision_kd/drift/<target>) and adds nothing to the loss"
+        )
+    if args is None:
         return
     for name in ("rlhf_type", "tuner_type", "freeze_vit", "freeze_aligner", "teacher_model", "teacher_deepspeed"):
         report.line(f"{name}: {getattr(args, name, None)!r}")
@@ -178,28 +233,68 @@ def _launch(report: _Report, launch: list[str], layout: Any, on: bool) -> None:
         report.problem(f"vision KD refused: {refusal.reason}. Fix: {refusal.fix}.")
 
 
-def _parse_swift_args(report: _Report, layout: Any, argv: list[str]) -> Any:
-    """ms-swift's RLHF arguments for ``argv``, parsed the way ``swift rlhf`` parses them."""
+def _parse_swift_args(report: _Report, point: tuple[str, str], argv: list[str]) -> Any:
+    """ms-swift's arguments for ``argv``, parsed by the pipeline class the run uses, leaving nothing behind.
+
+    ms-swift's argument classes create ``<output_dir>/vN-<timestamp>/`` while parsing; the doctor removes
+    what parsing created (empty directories only), so the next real run keeps its version number.
+    """
     from swift.utils import parse_args
 
-    module_name, qualname = layout.points["pipeline_preflight"]
+    module_name, qualname = point
     pipeline = getattr(importlib.import_module(module_name), qualname.split(".")[0])
-    try:
-        args, remaining = parse_args(pipeline.args_class, list(argv))
-    except (Exception, SystemExit) as exc:
-        report.problem(f"ms-swift rejects the arguments: {exc!r}")
-        return None
+    with _no_new_directories(_output_root(argv)):
+        try:
+            args, remaining = parse_args(pipeline.args_class, list(argv))
+        except (Exception, SystemExit) as exc:
+            report.problem(f"ms-swift rejects the arguments: {exc!r}")
+            return None
     if remaining:
         report.problem(f"ms-swift rejects the arguments: remaining_argv: {remaining}")
         return None
     return args
 
 
-def _child_activation() -> str:
-    """Start a real child interpreter with this environment and ask whether the shim booted in it."""
+def _output_root(argv: list[str]) -> str:
+    """The ``--output_dir`` of an argv (last one wins, as in argparse), or ms-swift's default."""
+    root = "output"
+    for flag, value in itertools.pairwise(argv):
+        if flag == "--output_dir":
+            root = value
+    return os.path.abspath(root)
+
+
+@contextlib.contextmanager
+def _no_new_directories(root: str):
+    """Remove the empty directories that appear under ``root`` (and ``root`` itself) inside the block."""
+    existed = os.path.isdir(root)
+    before = set(os.listdir(root)) if existed else set()
+    try:
+        yield
+    finally:
+        if os.path.isdir(root):
+            for name in set(os.listdir(root)) - before:
+                _remove_empty_tree(os.path.join(root, name))
+            if not existed:
+                _remove_empty_tree(root)
+
+
+def _remove_empty_tree(path: str) -> None:
+    if not os.path.isdir(path) or os.path.islink(path):
+        return
+    for name in os.listdir(path):
+        _remove_empty_tree(os.path.join(path, name))
+    with contextlib.suppress(OSError):
+        os.rmdir(path)  # fails, and is kept, when anything but empty directories is inside
+
+
+def _child_activation(environ: Any) -> str:
+    """Start a real child interpreter with ``environ`` and ask whether the shim booted in it."""
     probe = "import sys; b = sys.modules.get('vkd_shim.bootstrap'); print('yes' if b and b.is_active() else 'no')"
     try:
-        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=False)
+        out = subprocess.run(
+            [sys.executable, "-c", probe], env=dict(environ), capture_output=True, text=True, timeout=120, check=False
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"unknown ({exc})"
     return out.stdout.strip() or f"unknown (exit {out.returncode}: {out.stderr.strip()[-200:]})"

@@ -9,8 +9,10 @@ silent no-op.
 from __future__ import annotations
 
 import os
-import re
-from collections.abc import Mapping
+
+# collections.abc re-exports these; its own import (the collections package) costs about 7 ms, and with the
+# switch exported this module loads in every Python process. os has already imported _collections_abc.
+from _collections_abc import Mapping
 
 from vkd_shim.errors import ConfigError
 
@@ -22,6 +24,8 @@ CONFIG = "VKD_CONFIG"
 WEIGHT = "VKD_WEIGHT"
 TARGETS = "VKD_TARGETS"
 DISTANCE = "VKD_DISTANCE"
+#: ``monitor`` on an existing launch: measure the aligner's drift from the teacher, change nothing.
+MODE = "VKD_MODE"
 #: Where the JSON event lines go (default: stderr).
 LOG_FILE = "VKD_LOG_FILE"
 #: The ``custom.visual_kd`` block of the YAML given to ``swift rlhf``, carried as JSON from the CLI
@@ -32,8 +36,9 @@ PREFIX = "VKD_"
 DEEPSPEED_ENV_FILE = ".deepspeed_env"
 # DeepSpeed's multi-node runner exports a value as it is only when it has none of these characters
 # (deepspeed/launcher/multinode_runner.py, MultiNodeRunner.add_export); otherwise it wraps it in double
-# quotes, which pdsh's remote shell removes but `mpirun -x KEY=VALUE` keeps as part of the value.
-_DEEPSPEED_QUOTED = re.compile(r"[^\w@%+=:,./-]")
+# quotes, which pdsh's remote shell removes but `mpirun -x KEY=VALUE` keeps as part of the value. Compiled
+# where it is used: with the switch on this module loads in every Python process, and `re` costs a few ms.
+_DEEPSPEED_QUOTED = r"[^\w@%+=:,./-]"
 
 TRUTHY = ("1", "true", "yes", "on")
 FALSY = ("", "0", "false", "no", "off")
@@ -88,6 +93,8 @@ def deepspeed_env_lines(environ) -> list[str]:
     silently without vision KD. Config and log paths are made absolute (workers may start elsewhere); a
     value DeepSpeed would quote is refused, because mpirun would hand the quotes to the worker.
     """
+    import re
+
     lines = []
     for name in sorted(environ):
         if not name.startswith(PREFIX):
@@ -97,7 +104,7 @@ def deepspeed_env_lines(environ) -> list[str]:
             value = os.pathsep.join(os.path.abspath(p) for p in value.split(os.pathsep) if p)
         elif name == LOG_FILE and value:
             value = os.path.abspath(value)
-        if _DEEPSPEED_QUOTED.search(value):
+        if re.search(_DEEPSPEED_QUOTED, value):
             raise ValueError(
                 f"{name}={value!r} cannot travel through {DEEPSPEED_ENV_FILE}: DeepSpeed quotes values "
                 "with characters outside [A-Za-z0-9_@%+=:,./-] and mpirun keeps the quotes; use a path "

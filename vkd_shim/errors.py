@@ -3,9 +3,6 @@ refusal from a bug, and every message stays one line (it lands in JSON events an
 
 from __future__ import annotations
 
-import functools
-from typing import Any
-
 
 class VisionKDError(RuntimeError):
     """Base of every error the shim raises on purpose."""
@@ -24,9 +21,11 @@ class ConfigError(VisionKDError, ValueError):
         self.source = source
         self.allowed = allowed
 
-    def __reduce__(self) -> tuple[Any, ...]:
+    def __reduce__(self) -> tuple[object, ...]:
         # Default exception pickling re-calls cls(*args) and would drop the keyword-only attributes;
         # errors raised in spawned workers travel back to the parent pickled.
+        import functools  # here, not at the top: with the switch on this module loads in every process
+
         rebuild = functools.partial(type(self), field=self.field, source=self.source, allowed=self.allowed)
         return (rebuild, self.args)
 
@@ -43,7 +42,7 @@ class RefusedError(VisionKDError):
         self.reason = reason
         self.fix = fix
 
-    def __reduce__(self) -> tuple[Any, ...]:
+    def __reduce__(self) -> tuple[object, ...]:
         return (type(self), (self.reason, self.fix))
 
 
@@ -89,7 +88,7 @@ class FeatureMismatchError(VisionKDError, ValueError):
             f"do not match teacher features {_shape_text(teacher_shape)}" + (f" ({detail})" if detail else "")
         )
 
-    def __reduce__(self) -> tuple[Any, ...]:
+    def __reduce__(self) -> tuple[object, ...]:
         return (type(self), (self.target, self.student_shape, self.teacher_shape, self.detail))
 
 

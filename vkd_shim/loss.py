@@ -42,11 +42,13 @@ MAX_RELATION_TOKENS = 16384
 class LossOutput:
     """The weighted term for backward, plus unweighted per-target values for telemetry.
 
-    Tensors are 0-d and on the features' device; ``tokens`` is a host int read from shapes.
+    Tensors are 0-d and on the features' device; ``tokens`` is a host int read from shapes. ``drift`` is
+    the scale-free ``||s - t||^2 / ||t||^2`` over the valid rows, per target of equal width (no graph).
     """
 
     total: torch.Tensor
     per_target: dict[Hashable, torch.Tensor]
+    drift: dict[Hashable, torch.Tensor]
     tokens: int
     nonfinite_student: dict[Hashable, torch.Tensor]
     nonfinite_teacher: dict[Hashable, torch.Tensor]
@@ -162,7 +164,11 @@ def _masked_distance(
     # function of the student (DDP then sees its parameters as used).
     distance = per_row.sum() / finite.sum().clamp(min=1).to(per_row.dtype)
     rows = finite.numel()
-    return distance, rows - student_ok.sum(), rows - teacher_ok.sum()
+    drift = None
+    if prediction.shape == target.shape:
+        with torch.no_grad():  # telemetry only: a ratio of sums, so one number compares models and distances
+            drift = (prediction - target).square().sum() / target.square().sum().clamp(min=_NMSE_EPS)
+    return distance, rows - student_ok.sum(), rows - teacher_ok.sum(), drift
 
 
 def feature_distance(
@@ -210,19 +216,23 @@ def vision_kd_loss(
         raise FeatureMismatchError(None, None, None)
 
     per_target: dict[Hashable, torch.Tensor] = {}
+    drift: dict[Hashable, torch.Tensor] = {}
     bad_student: dict[Hashable, torch.Tensor] = {}
     bad_teacher: dict[Hashable, torch.Tensor] = {}
     weighted: list[torch.Tensor] = []
     for target, features in student.items():
-        per_target[target], bad_student[target], bad_teacher[target] = _masked_distance(
+        per_target[target], bad_student[target], bad_teacher[target], relative = _masked_distance(
             features, teacher[target], distance, segments[target]
         )
+        if relative is not None:
+            drift[target] = relative
         weighted.append(per_target[target] * float(weights[target]))
 
     first = next(iter(student.values()))
     return LossOutput(
         total=torch.stack(weighted).sum() * float(scale),
         per_target=per_target,
+        drift=drift,
         tokens=first.numel() // first.shape[-1],
         nonfinite_student=bad_student,
         nonfinite_teacher=bad_teacher,

@@ -5,7 +5,8 @@ Patch points, by role (module paths and names per ms-swift release live in
 
 - CLI YAML parsing: takes a ``custom:`` block out of the YAML given to ``swift rlhf`` before
   ms-swift's argument parser rejects it.
-- ``SwiftRLHF._prepare_model_tokenizer``: runs :func:`vkd_shim.preflight.check` before any model loads.
+- ``SwiftRLHF._prepare_model_tokenizer``: runs :func:`vkd_shim.preflight.check` before any model loads;
+  ``SwiftSft._prepare_model_tokenizer`` (the base of every training pipeline) does so for ``swift sft``/``pt``.
 - ``GKDTrainer.__init__`` attaches :class:`vkd_shim.runtime.TrainerKD`; ``.compute_loss`` hands each
   call to it; ``.log`` flushes its accumulators into ms-swift's metrics at log time only.
 - ``MegatronRLHF._prepare_template``: refuses (Megatron is not supported yet), before any weights.
@@ -159,12 +160,8 @@ def _on_swift() -> None:
     problem = swift_layouts.version_problem()
     if problem:
         log.warning("vkd.version", problem=problem, supported=list(swift_layouts.SUPPORTED))
-    for error in PATCHER.boot_errors:
-        sys.stderr.write(f"vkd_shim: ERROR: {error}\n")
-    try:
-        config.resolve()  # validation only: the run's config (with any inline block) is logged at preflight
-    except ConfigError as exc:  # said once, in processes that import ms-swift; refused at preflight
-        sys.stderr.write(f"vkd_shim: ERROR: {exc}; training with VKD_ENABLE on will refuse to start\n")
+    # A bad switch value or config is said once, by the first wrapper that stops the run (the CLI's YAML
+    # step, or the preflight in the training process), not by every process that imports ms-swift.
 
 
 def unpatch_all() -> None:
@@ -215,8 +212,8 @@ def extract_inline(argv: list[str] | None, source: str | None) -> dict | None:
     return block
 
 
-def _wrap_prepare_model_tokenizer(wrapped, instance, args, kwargs):
-    """Preflight: every refusal happens here, before the student or the teacher loads."""
+def _preflight(swift_args: Any) -> None:
+    """Every refusal happens here, before the student or the teacher loads."""
     try:
         PATCHER.raise_failures()
         resolved = settings()
@@ -229,10 +226,22 @@ def _wrap_prepare_model_tokenizer(wrapped, instance, args, kwargs):
         incompatible = swift_layouts.incompatible()
         if incompatible:
             _refuse(RefusedError(incompatible, "install ms-swift 4.4 or later, or unset VKD_ENABLE"))
-        for refusal in preflight.check(instance.args, resolved.config):
+        for refusal in preflight.check(swift_args, resolved.config):
             _refuse(RefusedError(*refusal))
         importlib.import_module(LAYOUT.trainer_module)  # fires the trainer hook now, before loading
         PATCHER.raise_failures()
+
+
+def _wrap_prepare_model_tokenizer(wrapped, instance, args, kwargs):
+    _preflight(instance.args)
+    return wrapped(*args, **kwargs)
+
+
+def _wrap_train_preflight(wrapped, instance, args, kwargs):
+    """``swift sft`` / ``swift pt`` (every training pipeline's base): a run that asked for vision KD stops
+    here, before loading. RLHF pipelines pass: their own point ran the preflight before the teacher loaded."""
+    if not hasattr(instance.args, "rlhf_type"):
+        _preflight(instance.args)
     return wrapped(*args, **kwargs)
 
 
@@ -275,6 +284,7 @@ def _wrap_log(wrapped, instance, args, kwargs):
 
 WRAPPERS: dict[str, Callable] = {
     swift_layouts.CLI_YAML: _wrap_cli_yaml,
+    swift_layouts.TRAIN_PREFLIGHT: _wrap_train_preflight,
     swift_layouts.PIPELINE_PREFLIGHT: _wrap_prepare_model_tokenizer,
     swift_layouts.TRAINER_INIT: _wrap_trainer_init,
     swift_layouts.TRAINER_COMPUTE_LOSS: _wrap_compute_loss,

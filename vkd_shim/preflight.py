@@ -38,6 +38,32 @@ FROZEN_VISION = Refusal(
     " ms-swift's defaults): the term would be a constant that moves nothing",
     "pass --freeze_aligner false (and/or --freeze_vit false), or unset VKD_ENABLE",
 )
+FROZEN_VIT = Refusal(
+    "targets include vit, the ViT's patch embeddings entering the merger, but the ViT is frozen (ms-swift's"
+    " --freeze_vit true default): no trainable parameter is upstream of that feature, so its term would be a"
+    " constant (the merger's LoRA does not change the merger's input)",
+    "pass --freeze_vit false, or drop vit from custom.visual_kd.targets",
+)
+NOT_RLHF = Refusal(
+    "this launch trains without a teacher (swift sft / swift pt): vision KD distils a student's vision pathway"
+    " towards a teacher's, in swift rlhf --rlhf_type gkd",
+    "launch swift rlhf --rlhf_type gkd with --teacher_model, or unset VKD_ENABLE for this run",
+)
+
+
+def frozen(names: list[str], every: bool) -> Refusal:
+    """The exact check at trainer construction: targets (by name) whose feature no trainable parameter feeds."""
+    if every and "vit" not in names:
+        return FROZEN_VISION
+    if names == ["vit"]:
+        return FROZEN_VIT
+    return Refusal(
+        f"nothing upstream of the target(s) {', '.join(names)} is trainable: their terms would be constants",
+        "unfreeze what feeds them (--freeze_vit false, --freeze_aligner false), or drop them from"
+        " custom.visual_kd.targets",
+    )
+
+
 #: Fields that decide which visual tokens an image becomes; they must agree for any distance.
 GEOMETRY = ("patch_size", "spatial_merge_size", "temporal_patch_size")
 
@@ -59,9 +85,11 @@ def _deepstack_count(vision: dict[str, Any]) -> int:
     return len(vision.get("deepstack_visual_indexes") or ())
 
 
-def _training(args: Any) -> list[Refusal]:
+def _training(args: Any, config: VisualKDConfig) -> list[Refusal]:
+    if not hasattr(args, "rlhf_type"):
+        return [NOT_RLHF]
     out = []
-    if getattr(args, "rlhf_type", None) != "gkd":
+    if args.rlhf_type != "gkd":
         out.append(
             Refusal(f"rlhf_type is {args.rlhf_type!r}; vision KD works with --rlhf_type gkd", "unset VKD_ENABLE")
         )
@@ -74,8 +102,13 @@ def _training(args: Any) -> list[Refusal]:
     unfrozen_by_name = any(
         getattr(args, name, None) for name in ("trainable_parameters", "trainable_parameters_regex", "target_regex")
     )
-    if getattr(args, "freeze_aligner", False) and getattr(args, "freeze_vit", False) and not unfrozen_by_name:
+    if config.monitor or unfrozen_by_name:
+        return out  # monitoring moves nothing; names can unfreeze anything (checked exactly at trainer init)
+    freeze_vit = getattr(args, "freeze_vit", False)
+    if getattr(args, "freeze_aligner", False) and freeze_vit:
         out.append(FROZEN_VISION)
+    elif freeze_vit and "vit" in config.kinds:
+        out.append(FROZEN_VIT)
     return out
 
 
@@ -159,8 +192,8 @@ def _widths(s_vision: dict[str, Any], t_vision: dict[str, Any], config: VisualKD
 
 def check(args: Any, config: VisualKDConfig) -> list[Refusal]:
     """Every refusal for this run; empty when vision KD can work. Only call with ``config.active``."""
-    out = _training(args)
-    if any(r in (REMOTE_TEACHER,) for r in out):
+    out = _training(args, config)
+    if any(r in (REMOTE_TEACHER, NOT_RLHF) for r in out):
         return out
     student_path = getattr(args, "model_dir", None) or getattr(args, "model", None)
     teacher_path = getattr(args, "teacher_model", None)

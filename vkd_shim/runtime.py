@@ -16,8 +16,10 @@ import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import torch
+
 from vkd_shim import preflight, telemetry
-from vkd_shim.capture import STUDENT, TEACHER, VIT, FeatureCapture, resolve_targets, unwrap, vision_tower
+from vkd_shim.capture import STUDENT, TEACHER, VIT, FeatureCapture, frozen_targets, resolve_targets, unwrap
 from vkd_shim.config import ResolvedConfig
 from vkd_shim.errors import (
     CaptureError,
@@ -32,6 +34,8 @@ from vkd_shim.swift_layouts import SwiftLayout
 
 CONFIG_FILE_NAME = "vision_kd_config.json"
 METRIC_LOSS = "vision_kd_loss"
+#: ``vision_kd/drift/<target>``: ||f_s - f_t||^2 / ||f_t||^2, logged in both modes, beside the distance.
+DRIFT_PREFIX = "vision_kd/drift/"
 VISUAL_INPUT_KEYS = ("pixel_values", "pixel_values_videos")
 #: Where a patched trainer carries its vision-KD state (an instance attribute, so the class is untouched).
 STATE_ATTR = "_vkd"
@@ -102,17 +106,19 @@ class _Tally:
         self.skipped: collections.Counter[str] = collections.Counter()
         self.tokens: collections.Counter[str] = collections.Counter()
         self.sums: dict[tuple[str, str], Any] = {}
+        self.drift: dict[tuple[str, str], Any] = {}
 
-    def add(self, mode: str, tokens: int, per_target: Mapping[Any, Any]) -> None:
+    def add(self, mode: str, tokens: int, per_target: Mapping[Any, Any], drift: Mapping[Any, Any]) -> None:
         self.term_steps[mode] += 1
         self.tokens[mode] += tokens
-        for target, value in per_target.items():
-            key = (mode, target.name)
-            self.sums[key] = self.sums.get(key, 0.0) + value.detach().float()
+        for sums, values in ((self.sums, per_target), (self.drift, drift)):
+            for target, value in values.items():
+                key = (mode, target.name)
+                sums[key] = sums.get(key, 0.0) + value.detach().float()
 
-    def means(self) -> dict[str, dict[str, float]]:
+    def means(self, sums: Mapping[tuple[str, str], Any] | None = None) -> dict[str, dict[str, float]]:
         out: dict[str, dict[str, float]] = {}
-        for (mode, name), total in self.sums.items():
+        for (mode, name), total in (self.sums if sums is None else sums).items():
             out.setdefault(mode, {})[name] = float(total) / self.term_steps[mode]
         return out
 
@@ -142,17 +148,18 @@ class TrainerKD:
             self.capture = FeatureCapture(student, teacher, kinds, layers, aligner=aligner)
         except TargetResolutionError as exc:
             raise RefusedError(str(exc), "choose targets the architecture has (custom.visual_kd.targets)") from None
-        tower = vision_tower(student, aligner)
-        if not any(p.requires_grad for p in (tower or modules[next(iter(modules))]).parameters()):
-            raise RefusedError(*preflight.FROZEN_VISION)
+        frozen = frozen_targets(student, modules, aligner)
+        if frozen and not self.config.monitor:
+            raise RefusedError(*preflight.frozen([t.name for t in frozen], every=len(frozen) == len(modules)))
         self.weights = {target: self.config.kind_weights[target.kind] for target in modules}
         vision_config = getattr(getattr(unwrap(student), "config", None), "vision_config", None)
         self.merge = getattr(vision_config, "spatial_merge_size", 1) ** 2
         self.capture.attach()
         self.peft_student = student if hasattr(student, "disable_adapter") else None
         self.keys = (
-            METRIC_LOSS,
+            *(() if self.config.monitor else (METRIC_LOSS,)),
             *(f"vision_kd/{t.name}" for t in modules),
+            *(f"{DRIFT_PREFIX}{t.name}" for t in modules),
             "vision_kd/tokens",
             "vision_kd/skipped",
         )
@@ -165,6 +172,8 @@ class TrainerKD:
             targets=[t.name for t in modules],
             shared_modules=self.capture.shared,
             distance=self.config.distance,
+            mode=self.config.mode,
+            frozen_targets=[t.name for t in frozen],
         )
         self._save_config(resolved)
         trainer.add_callback(_run_end_callback(self))
@@ -197,9 +206,9 @@ class TrainerKD:
         with self.capture.window(), self._roles():
             result = wrapped(*args, **kwargs)
             term = self._term(mode, step, self._segments(model_inputs))
-        if term is None or mode == "eval":
+        if term is None or mode == "eval" or self.config.monitor:
             # eval_loss stays ms-swift's own, so best-checkpoint selection compares across runs; the
-            # term is reported beside it as eval_vision_kd_loss.
+            # term is reported beside it as eval_vision_kd_loss. A monitored run only measures.
             return result
         if isinstance(result, tuple):
             return (result[0] + term, *result[1:])
@@ -253,14 +262,15 @@ class TrainerKD:
             self._skip(mode, step, "no aligner features were captured in a micro-batch with visual inputs")
             return None
         try:
-            out = vision_kd_loss(
-                student,
-                teacher,
-                weights=self.weights,
-                distance=self.config.distance,
-                scale=self.config.weight * self.config.warmup_factor(step),
-                segments=segments,
-            )
+            with torch.no_grad() if self.config.monitor else contextlib.nullcontext():
+                out = vision_kd_loss(
+                    student,
+                    teacher,
+                    weights=self.weights,
+                    distance=self.config.distance,
+                    scale=self.config.weight * self.config.warmup_factor(step),
+                    segments=segments,
+                )
         except FeatureMismatchError as exc:
             self._skip(
                 mode,
@@ -272,16 +282,19 @@ class TrainerKD:
             )
             return None
         add = self.buffer.add
-        add(mode, METRIC_LOSS, out.total.detach())
+        if not self.config.monitor:
+            add(mode, METRIC_LOSS, out.total.detach())
         for target, value in out.per_target.items():
             add(mode, f"vision_kd/{target.name}", value.detach())
+        for target, value in out.drift.items():
+            add(mode, f"{DRIFT_PREFIX}{target.name}", value)
         add(mode, "vision_kd/tokens", out.tokens)
         add(
             mode,
             "vision_kd/skipped",
             sum(out.nonfinite_student.values()) + sum(out.nonfinite_teacher.values()),
         )
-        self.tally.add(mode, out.tokens, out.per_target)
+        self.tally.add(mode, out.tokens, out.per_target, out.drift)
         pending = self.pending_nonfinite[mode]
         for side, counts in ((STUDENT, out.nonfinite_student), (TEACHER, out.nonfinite_teacher)):
             for target, count in counts.items():
@@ -345,10 +358,12 @@ class TrainerKD:
         tally = self.tally
         self.log.info(
             "vkd.summary",
+            mode=self.config.mode,
             steps_with_term=dict(tally.term_steps),
             skipped=dict(tally.skipped),
             visual_tokens=dict(tally.tokens),
             mean_per_target=tally.means(),
+            mean_drift_per_target=tally.means(tally.drift),
             last_visual_step=self.last_visual_step,
         )
         if self.last_visual_step is None:

@@ -24,6 +24,7 @@ BLOCK_PATH = ".".join(BLOCK)
 KINDS = ("merger", "deepstack", "vit")
 DEFAULT_KINDS = ("merger", "deepstack")
 DISTANCES = ("mse", "cosine", "nmse", "relation")
+MODES = ("anchor", "monitor")
 #: Why a ceiling: the term's gradient scales with the weight and ms-swift's grad norm squares it, so
 #: 1e38 already gives an infinite grad_norm in fp32 (and every update is dropped while the run
 #: exits 0). 1e4 is four orders of magnitude above any weight that still regularizes (0.01-10) and
@@ -60,6 +61,15 @@ class VisualKDConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     enabled: Annotated[
         bool, _doc("Turns the vision-KD term on; false trains exactly as without the shim.", "true, false")
     ] = True
+    mode: Annotated[
+        Literal["anchor", "monitor"],
+        _doc(
+            "anchor adds the weighted term to the training loss; monitor only measures and logs the same"
+            " per-target distances and the relative drift, under no_grad, and trains exactly as without the"
+            " shim (weight and warmup_steps are not used).",
+            ", ".join(MODES),
+        ),
+    ] = "anchor"
     weight: Annotated[
         float,
         msgspec.Meta(
@@ -140,7 +150,12 @@ class VisualKDConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     @property
     def active(self) -> bool:
-        return self.enabled and self.weight > 0
+        """The shim attaches: it anchors with a positive weight, or it monitors."""
+        return self.enabled and (self.monitor or self.weight > 0)
+
+    @property
+    def monitor(self) -> bool:
+        return self.mode == "monitor"
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -337,7 +352,7 @@ def _normalize(raw: Mapping[str, Any]) -> dict[str, Any]:
         return value.strip().lower() if isinstance(value, str) else value
 
     out = dict(raw)
-    for name in ("distance", "nonfinite", "teacher_nonfinite", "no_visual"):
+    for name in ("mode", "distance", "nonfinite", "teacher_nonfinite", "no_visual"):
         if name in out:
             out[name] = fold(out[name])
     targets = out.get("targets")

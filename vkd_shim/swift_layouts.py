@@ -17,18 +17,28 @@ from __future__ import annotations
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
-from importlib import metadata
 from types import MappingProxyType
 from typing import Any
 
 #: Roles of the patch points; :mod:`vkd_shim.patches` maps each role to its wrapper.
 CLI_YAML = "cli_yaml"
+#: ``SwiftSft._prepare_model_tokenizer``, the base of every training pipeline: refuses ``swift sft`` and
+#: ``swift pt`` (no teacher) before loading, where the user asked for vision KD.
+TRAIN_PREFLIGHT = "train_preflight"
 PIPELINE_PREFLIGHT = "pipeline_preflight"
 TRAINER_INIT = "trainer_init"
 TRAINER_COMPUTE_LOSS = "trainer_compute_loss"
 TRAINER_LOG = "trainer_log"
 MEGATRON_PREFLIGHT = "megatron_preflight"
-ROLES = (CLI_YAML, PIPELINE_PREFLIGHT, TRAINER_INIT, TRAINER_COMPUTE_LOSS, TRAINER_LOG, MEGATRON_PREFLIGHT)
+ROLES = (
+    CLI_YAML,
+    TRAIN_PREFLIGHT,
+    PIPELINE_PREFLIGHT,
+    TRAINER_INIT,
+    TRAINER_COMPUTE_LOSS,
+    TRAINER_LOG,
+    MEGATRON_PREFLIGHT,
+)
 #: Roles whose module works only with an optional dependency: role -> its top-level module
 #: (Megatron needs megatron-core, imported as ``megatron``).
 OPTIONAL_ROLES = {MEGATRON_PREFLIGHT: "megatron"}
@@ -89,6 +99,7 @@ class SwiftLayout:
 _POINTS_4X = MappingProxyType(
     {
         CLI_YAML: ("swift.cli.main", "parse_yaml_args"),
+        TRAIN_PREFLIGHT: ("swift.pipelines.train.sft", "SwiftSft._prepare_model_tokenizer"),
         PIPELINE_PREFLIGHT: ("swift.pipelines.train.rlhf", "SwiftRLHF._prepare_model_tokenizer"),
         TRAINER_INIT: ("swift.rlhf_trainers.gkd_trainer", "GKDTrainer.__init__"),
         TRAINER_COMPUTE_LOSS: ("swift.rlhf_trainers.gkd_trainer", "GKDTrainer.compute_loss"),
@@ -119,6 +130,7 @@ SWIFT_3_12 = SwiftLayout(
     stack="transformers 4.57, trl 0.24, peft 0.18, torch 2.14.1",
     points={
         CLI_YAML: ("swift.cli.main", "prepare_config_args"),
+        TRAIN_PREFLIGHT: ("swift.llm.train.sft", "SwiftSft._prepare_model_tokenizer"),
         PIPELINE_PREFLIGHT: ("swift.llm.train.rlhf", "SwiftRLHF._prepare_model_tokenizer"),
         TRAINER_INIT: ("swift.trainers.rlhf_trainer.gkd_trainer", "GKDTrainer.__init__"),
         TRAINER_COMPUTE_LOSS: ("swift.trainers.rlhf_trainer.gkd_trainer", "GKDTrainer.compute_loss"),
@@ -154,6 +166,8 @@ def installed_version() -> str | None:
     version = getattr(sys.modules.get("swift"), "__version__", None)
     if version:
         return version
+    from importlib import metadata  # deferred: it costs about 30 ms, and only ms-swift processes ask
+
     try:
         return metadata.version("ms-swift")
     except metadata.PackageNotFoundError:
@@ -196,6 +210,36 @@ def hook_modules() -> tuple[str, ...]:
     layout's patch-point modules. Hooks are registered for all releases; only the installed one's
     modules can ever be imported, and an import that fires a hook costs nothing until it does."""
     return tuple(dict.fromkeys(("swift", *(module for layout in LAYOUTS for module in layout.modules))))
+
+
+#: ms-swift commands that train (``swift sft``, ``swift pt``, ``swift rlhf``, and Megatron's). Every other
+#: command (infer, export, deploy, eval, ...) has nothing vision KD could do, so the shim stays out of it.
+TRAINING_COMMANDS = ("sft", "pt", "rlhf")
+
+
+def command_of(argv: list[str]) -> str | None:
+    """The ms-swift command a process runs, read from its argv, or None when it is not an ms-swift
+    command line (tests, notebooks, ``python -c``, a user's own script calling ``sft_main``).
+
+    ``swift rlhf ...`` execs ``python .../swift/cli/rlhf.py ...`` (and torchrun runs that script on every
+    rank), so both the CLI process and its re-exec name the command.
+    """
+    if not argv:
+        return None
+    name = argv[0].replace("\\", "/").rsplit("/", 1)[-1]
+    if name in ("swift", "megatron"):
+        return argv[1].replace("_", "-") if len(argv) > 1 else None
+    parts = argv[0].replace("\\", "/").split("/")
+    if name.endswith(".py") and len(parts) >= 3 and parts[-3:-1] in (["swift", "cli"], ["cli", "_megatron"]):
+        command = name[: -len(".py")].replace("_", "-")
+        return None if command == "main" else command
+    return None
+
+
+def stays_out(argv: list[str]) -> bool:
+    """True in processes of an ms-swift command that does not train: the shim neither patches nor logs."""
+    command = command_of(argv)
+    return command is not None and command not in TRAINING_COMMANDS
 
 
 def installed() -> SwiftLayout:

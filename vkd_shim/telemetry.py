@@ -45,6 +45,7 @@ EVENTS: Mapping[str, str] = MappingProxyType(
         "vkd.no_visual": "no visual token reached the models for a stretch of steps or a whole run",
         "vkd.summary": "end of training: steps with the term, skipped steps by reason, visual tokens, mean per target",
         "vkd.log_file_error": "VKD_LOG_FILE could not be opened or written; lines go to stderr from then on",
+        "vkd.doctor": "vkd-shim doctor checked a launch; written where the run's events would go, as a real write",
     }
 )
 
@@ -174,9 +175,10 @@ class _LineSink:
     leaves a note for the owning EventLogger to report.
     """
 
-    def __init__(self, sink: TextIO | None, path: str | None) -> None:
+    def __init__(self, sink: TextIO | None, path: str | None, fallback: bool = True) -> None:
         self.sink = sink
         self.path = path
+        self.fallback = fallback
         self.dropped = 0
         self._file: TextIO | None = None
         self._file_error: str | None = None
@@ -202,6 +204,9 @@ class _LineSink:
 
     def msg(self, line: str) -> None:
         with self._lock:
+            if not self.fallback and self._file_error is not None:
+                self.dropped += 1
+                return
             to_file = self.sink is None and self.path is not None and self._file_error is None
             try:
                 self._write(line)
@@ -211,14 +216,21 @@ class _LineSink:
                     self.dropped += 1
                     return
                 self._file_error = f"{type(exc).__name__}: {exc}"
-                self._unreported_error = self._file_error
+                self._unreported_error = self._file_error if self.fallback else None
                 self._close_file()
+            if not self.fallback:
+                self.dropped += 1
+                return
             try:
                 self._write(line)
             except (OSError, ValueError):
                 self.dropped += 1
 
     debug = info = warning = error = msg
+
+    @property
+    def file_error(self) -> str | None:
+        return self._file_error
 
     def take_file_error(self) -> str | None:
         with self._lock:
@@ -244,10 +256,11 @@ class EventLogger:
     redirected or captured stderr works.
     """
 
-    def __init__(self, sink: TextIO | None = None, path: str | None = None) -> None:
+    def __init__(self, sink: TextIO | None = None, path: str | None = None, *, fallback: bool = True) -> None:
         if sink is None and path is None:
             path = os.environ.get(env.LOG_FILE) or None
-        self._sink = _LineSink(sink, path)
+        # fallback=False: a file that fails drops the line instead of moving to stderr (the doctor's probe).
+        self._sink = _LineSink(sink, path, fallback)
         self._context: dict[str, Any] = {}
         self._log = structlog.wrap_logger(
             self._sink,
@@ -256,6 +269,11 @@ class EventLogger:
             context_class=dict,
             cache_logger_on_first_use=True,
         )
+
+    @property
+    def file_error(self) -> str | None:
+        """Why the log file could not be opened or written, once that happened (then lines go to stderr)."""
+        return self._sink.file_error
 
     @property
     def dropped(self) -> int:
@@ -284,7 +302,7 @@ class EventLogger:
             self._sink.dropped += 1
         error = self._sink.take_file_error()
         if error is not None:
-            self.event("vkd.log_file_error", "error", path=self._sink.path, error=error)
+            self.event("vkd.log_file_error", "warning", path=self._sink.path, error=error)
 
     def info(self, name: str, **fields: Any) -> None:
         self.event(name, "info", **fields)

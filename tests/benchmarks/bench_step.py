@@ -8,6 +8,8 @@ random order each round, so machine noise hits all of them alike:
 - ``off``: ms-swift's original ``compute_loss`` (the unwrapped function: no shim, no hooks),
   then backward and the optimizer step.
 - ``shim``: the patched ``GKDTrainer.compute_loss`` with the capture attached: the user's path.
+- ``monitor``: the same patched path in ``mode: monitor`` (the distances and relative drift computed
+  under no_grad, nothing added to the loss): what measuring drift costs a run.
 - ``naive``: the original ``compute_loss``, then the vision tower of the student (with grad) and
   of the teacher (no_grad) run again to get merger + deepstack features, and the same distance.
 - ``off-again``: ``off`` a second time, an A/A control: its ratio to ``off`` is the method's own
@@ -52,11 +54,13 @@ REPO = Path(__file__).resolve().parents[2]
 MARK_BEGIN = "<!-- step:begin -->"
 MARK_END = "<!-- step:end -->"
 RUN_MARK = "<!-- step:run {key} -->"
-MODES = ("off", "shim", "naive")
+MODES = ("off", "shim", "monitor", "naive")
 # A/A control: a second `off` step each round. Its ratio to `off` shows the method's own bias and
 # noise on this machine; a claim about the shim is only as fine as this row.
 CONTROL = "off-again"
-TIMED = ("off", CONTROL, "shim", "naive")
+TIMED = ("off", CONTROL, "shim", "monitor", "naive")
+#: Modes that run the patched compute_loss, each with its own vision-KD state bound to the trainer.
+PATCHED = ("shim", "monitor")
 METRIC_LOSS = "vision_kd_loss"
 VKD_BLOCK = {"enabled": True, "weight": 0.1, "targets": {"merger": 1.0, "deepstack": 0.5}, "distance": "mse"}
 
@@ -218,7 +222,7 @@ def build_trainer(assets: dict, preset: Preset, work: Path):
 
 
 class Harness:
-    """One trainer, one fixed micro-batch, and the three ways to run a step on it."""
+    """One trainer, one fixed micro-batch, and the ways to run a step on it."""
 
     def __init__(self, trainer) -> None:
         import torch
@@ -232,6 +236,7 @@ class Harness:
         self.kd = runtime.state_of(trainer)
         if self.kd is None:
             raise RuntimeError("the shim did not attach to the trainer: nothing to benchmark (see events.jsonl)")
+        self.states = {"shim": self.kd, "monitor": self._monitor_state(trainer)}
         self.original = vars(gkd_trainer.GKDTrainer)["compute_loss"].__wrapped__
         self.student = capture.unwrap(trainer.model)
         self.teacher = capture.unwrap(trainer.teacher_model)
@@ -243,23 +248,35 @@ class Harness:
         trainer.create_optimizer()
         self.optimizer = trainer.optimizer
 
+    def _monitor_state(self, trainer):
+        """A second vision-KD state on the same trainer, the run's config in ``mode: monitor``."""
+        import msgspec
+
+        from vkd_shim import patches
+
+        resolved = patches.settings()
+        monitored = dataclasses.replace(resolved, config=msgspec.structs.replace(resolved.config, mode="monitor"))
+        state = self.runtime.TrainerKD(trainer, monitored, patches.LAYOUT)
+        state.capture.detach()  # hooks only while its mode runs
+        self.runtime.bind(trainer, self.kd)
+        return state
+
     def fresh(self) -> dict:
         """compute_loss trims labels in place (logits_to_keep): each step gets its own dicts."""
         return {k: dict(v) if isinstance(v, dict) else v for k, v in self.inputs.items()}
 
     def set_mode(self, mode: str) -> None:
-        """Hooks exist only in the shim mode; the other two see the models as ms-swift built them."""
-        if mode == "shim":
-            self.runtime.bind(self.trainer, self.kd)
-            self.kd.capture.attach()
-        else:
-            self.runtime.bind(self.trainer, None)
-            self.kd.capture.detach()
+        """Hooks exist only in the patched modes; the others see the models as ms-swift built them."""
+        for state in self.states.values():
+            state.capture.detach()
+        self.runtime.bind(self.trainer, self.states.get(mode))
+        if mode in PATCHED:
+            self.states[mode].capture.attach()
 
     def loss(self, mode: str, inputs: dict):
         trainer = self.trainer
         with trainer.compute_loss_context_manager():
-            if mode == "shim":
+            if mode in PATCHED:
                 return trainer.compute_loss(trainer.model, inputs)
             loss = self.original(trainer, trainer.model, inputs)
             if mode == "naive":
@@ -404,6 +421,7 @@ def _interleave(h: Harness, steps: int, warmup: int, times, peaks, flushes, term
         start = time.perf_counter()
         h.kd.flush("train")
         flushes.append(time.perf_counter() - start)
+        h.states["monitor"].flush("train")  # into the same metrics; it adds no vision_kd_loss
 
 
 def count_syncs(h: Harness, steps: int) -> dict:
@@ -427,7 +445,8 @@ def count_syncs(h: Harness, steps: int) -> dict:
             counts.append(len(syncs))
             sites.update(f"{Path(w.filename).name}:{w.lineno}" for w in syncs)
         per_mode[mode] = {"median": statistics.median(counts), "sites": sites}
-    h.kd.flush("train")
+    for state in h.states.values():
+        state.flush("train")
     extra = per_mode["shim"]["sites"] - per_mode["off"]["sites"]
     return {
         **{mode: per_mode[mode]["median"] for mode in MODES},
@@ -461,7 +480,8 @@ def cpu_peaks(h: Harness, rounds: int) -> dict[str, list[int]]:
                 live += event.nbytes()
                 peak = max(peak, live)
             peaks[mode].append(peak)
-    h.kd.flush("train")
+    for state in h.states.values():
+        state.flush("train")
     return peaks
 
 
@@ -517,6 +537,7 @@ def render_run(opts, h: Harness, info: dict, timing: dict, syncs: dict | None) -
         ratio_row("off: ms-swift's compute_loss, no shim", times["off"], None),
         ratio_row("off again (A/A control)", times[CONTROL], ratios[CONTROL]),
         ratio_row("shim: patched compute_loss (hooks, loss, metric buffer)", times["shim"], ratios["shim"]),
+        ratio_row("monitor: patched, `mode: monitor` (no_grad, nothing added)", times["monitor"], ratios["monitor"]),
         ratio_row("naive: rerun both vision towers", times["naive"], ratios["naive"]),
         "",
     ]
@@ -569,7 +590,8 @@ def render_run(opts, h: Harness, info: dict, timing: dict, syncs: dict | None) -
     if h.cuda:
         lines.append(
             f"Host-device syncs per step (`torch.cuda.set_sync_debug_mode('warn')`, median of "
-            f"{opts.sync_steps} steps): off {syncs['off']}, shim {syncs['shim']}, naive {syncs['naive']}; "
+            f"{opts.sync_steps} steps): off {syncs['off']}, shim {syncs['shim']}, monitor {syncs['monitor']}, "
+            f"naive {syncs['naive']}; "
             f"call sites seen only with the shim: {', '.join(syncs['extra_sites']) or 'none'}."
         )
     else:

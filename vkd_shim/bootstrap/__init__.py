@@ -68,26 +68,63 @@ def boot() -> bool:
 
 
 def activate() -> bool:
-    """Register the ms-swift hooks once per process; later calls are no-ops."""
-    global _active, _registered
+    """Arm the ms-swift hooks once per process; later calls are no-ops.
+
+    Nothing heavy loads here: this runs in every Python process of an environment where the switch is
+    exported, and most of them never import ms-swift. A tiny finder waits for the first ``import
+    swift``; only then are wrapt and the layouts loaded and the post-import hooks registered.
+    """
+    global _active
     if _active:
         return False
     _active = True
+    if "swift" in sys.modules:
+        _register()
+    elif not any(isinstance(finder, _SwiftImportWatch) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _SwiftImportWatch())
+    return True
+
+
+class _SwiftImportWatch:
+    """Meta-path finder that only waits for ``swift``: registers the hooks, then hands the import on.
+
+    It answers for no module itself: it removes itself, registers wrapt's post-import hooks (wrapt puts
+    its own finder first on ``sys.meta_path``) and returns what the import system, asked again, finds,
+    so ``swift`` is loaded through wrapt's finder and its hooks fire.
+    """
+
+    def find_spec(self, fullname: str, path: object = None, target: object = None) -> object:
+        if fullname != "swift":
+            return None
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)
+        if not _active:
+            return None
+        _register()
+        from importlib.util import find_spec
+
+        return find_spec(fullname)
+
+
+def _register() -> None:
+    """Post-import hooks on every module of :func:`vkd_shim.swift_layouts.hook_modules` (once), or, when
+    they are already registered (after a deactivate()), the patches applied to what is imported."""
+    global _registered
     from vkd_shim import swift_layouts
 
+    if swift_layouts.stays_out(sys.argv):
+        return  # swift infer, export, deploy...: vision KD has nothing to do there, and says nothing
     modules = swift_layouts.hook_modules()
     if _registered:
-        # Hooks stay registered after deactivate(); re-apply to modules imported meanwhile.
         for name in modules:
             if name in sys.modules:
                 _on_import(sys.modules[name])
-    else:
-        from wrapt.importer import register_post_import_hook
+        return
+    from wrapt.importer import register_post_import_hook
 
-        _registered = True
-        for name in modules:
-            register_post_import_hook(_on_import, name)
-    return True
+    _registered = True
+    for name in modules:
+        register_post_import_hook(_on_import, name)
 
 
 def deactivate() -> bool:
@@ -96,6 +133,7 @@ def deactivate() -> bool:
     if not _active:
         return False
     _active = False
+    sys.meta_path[:] = [finder for finder in sys.meta_path if not isinstance(finder, _SwiftImportWatch)]
     patches = sys.modules.get("vkd_shim.patches")
     if patches is not None:
         patches.unpatch_all()
