@@ -282,11 +282,15 @@ def test_monitor_mode_measures_every_step_and_hands_back_the_loss_untouched(asse
     assert all("eval_vision_kd_loss" not in r and f"eval_vision_kd/drift/{names[0]}" in r for r in evaluated)
 
 
-def test_the_exact_check_refuses_a_target_nothing_trainable_feeds(assets, shim, mocker, tmp_path):
-    """Names can unfreeze anything, so the preflight lets `trainable_parameters_regex` through; at trainer
-    construction the shim checks each target's own inputs: here the regex unfreezes only the merger, so the
-    ViT output entering it (`vit`) cannot move, and the run stops naming that target."""
+def test_the_exact_check_refuses_a_target_nothing_trainable_feeds(assets, shim, tmp_path):
+    """Names can unfreeze anything, so the preflight lets `--trainable_parameters_regex` through; at trainer
+    construction the shim checks each target against the parameters that really feed it. Under full
+    fine-tuning the regex unfreezes only the merger: the ViT output entering it (`vit`) cannot move. Under
+    LoRA ms-swift ignores the regex (it applies it to full tuning only): the preflight knows, and refuses
+    the frozen aligner and ViT before anything loads."""
     shim(weight=1.0, targets="[merger, vit]")
-    regex = r".*visual\.merger\..*"
+    frozen = ("--freeze_aligner", "true", "--trainable_parameters_regex", r"visual\.merger\.")
     with pytest.raises(RefusedError, match=r"targets include vit.*--freeze_vit false"):
-        train(assets, tmp_path / "vit", *ONE_STEP, "--freeze_aligner", "true", "--trainable_parameters_regex", regex)
+        train(assets, tmp_path / "full", *ONE_STEP, *frozen, "--tuner_type", "full")
+    with pytest.raises(RefusedError, match=r"both frozen"):
+        train(assets, tmp_path / "lora", *ONE_STEP, *frozen)

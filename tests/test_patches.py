@@ -235,7 +235,12 @@ def test_preflight_refuses_what_cannot_train_per_target_and_lets_monitoring_thro
     vit = VisualKDConfig(targets={"merger": 1.0, "vit": 1.0})
     assert preflight.check(rlhf_args(), vit) == [preflight.FROZEN_VIT]  # the merger's LoRA cannot move the ViT
     assert preflight.check(rlhf_args(freeze_vit=False), vit) == []
-    assert preflight.check(rlhf_args(trainable_parameters_regex=r"visual\.blocks"), vit) == []  # exact check later
+    regex = r"visual\.blocks"
+    assert preflight.check(rlhf_args(tuner_type="full", trainable_parameters_regex=regex), vit) == []  # exact later
+    # ms-swift applies trainable_parameters(_regex) to full tuning only: under LoRA they unfreeze nothing.
+    assert preflight.check(rlhf_args(tuner_type="lora", trainable_parameters_regex=regex), vit) == [
+        preflight.FROZEN_VIT
+    ]
     monitor = VisualKDConfig(mode="monitor", targets=["vit"])
     assert preflight.check(rlhf_args(freeze_aligner=True), monitor) == []  # a frozen aligner's drift is data too
     assert preflight.check(rlhf_args(rlhf_type="dpo"), monitor)  # ...but only GKD has a teacher pass
@@ -258,7 +263,10 @@ def test_preflight_lets_lora_self_distillation_and_an_unfrozen_vit_through():
     config = VisualKDConfig()
     assert preflight.check(rlhf_args(teacher_model=None, _teacher_use_disable_adapter=True), config) == []
     assert preflight.check(rlhf_args(freeze_aligner=True, freeze_vit=False), config) == []
-    assert preflight.check(rlhf_args(freeze_aligner=True, trainable_parameters=["model.visual"]), config) == []
+    full = rlhf_args(tuner_type="full", freeze_aligner=True, trainable_parameters=["model.visual"])
+    assert preflight.check(full, config) == []
+    lora_targets = rlhf_args(tuner_type="lora", freeze_aligner=True, target_regex=r".*visual.*")
+    assert preflight.check(lora_targets, config) == []
 
 
 def write_model(path, **vision):

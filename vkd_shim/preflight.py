@@ -99,9 +99,10 @@ def _training(args: Any, config: VisualKDConfig) -> list[Refusal]:
         out.append(NO_TEACHER)
     if getattr(args, "fsdp", None):
         out.append(Refusal("FSDP is not supported by vision KD yet", "use DeepSpeed ZeRO-2/3, or unset VKD_ENABLE"))
-    unfrozen_by_name = any(
-        getattr(args, name, None) for name in ("trainable_parameters", "trainable_parameters_regex", "target_regex")
-    )
+    # ms-swift applies trainable_parameters(_regex) under full tuning only; LoRA reads target_regex.
+    tuner = getattr(args, "tuner_type", None) or getattr(args, "train_type", None)
+    by_name = ("trainable_parameters", "trainable_parameters_regex") if tuner == "full" else ()
+    unfrozen_by_name = any(getattr(args, name, None) for name in (*by_name, "target_regex"))
     if config.monitor or unfrozen_by_name:
         return out  # monitoring moves nothing; names can unfreeze anything (checked exactly at trainer init)
     freeze_vit = getattr(args, "freeze_vit", False)
