@@ -294,3 +294,17 @@ def test_activation_from_non_editable_install(tmp_path):
     proc = run_py(code, env=child_env([bootstrap_dir, target], VKD_ENABLE="1"), cwd=tmp_path)
     path, active = report(proc)
     assert path.startswith(str(target)) and active is True
+
+
+def test_a_broken_install_stops_ms_swift_loudly_and_leaves_other_processes_alone(tmp_path):
+    """Failure injection: wrapt cannot be imported. A process that never imports ms-swift is untouched; a
+    process that imports it stops at `import swift`, naming the cause, instead of training without KD."""
+    broken = tmp_path / "broken"
+    (broken / "wrapt").mkdir(parents=True)
+    (broken / "wrapt" / "__init__.py").write_text("raise ImportError('wrapt is broken here')\n")
+    env = child_env([BOOTSTRAP_DIR, broken], VKD_ENABLE="1")
+    assert run_py("print('fine')", env=env).stdout.strip() == "fine"
+    proc = subprocess.run([sys.executable, "-c", "import swift"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("vkd_shim.errors.PatchError: vision KD was asked for") and "wrapt is broken" in last

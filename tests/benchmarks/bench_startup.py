@@ -104,8 +104,9 @@ def main() -> int:
     for name, values in times.items():
         ratios = [v / f for v, f in zip(values, floor, strict=True)]
         low, high = bootstrap_ci(ratios)
+        extra = (statistics.median(values) - statistics.median(floor)) * 1e3
         rows.append(
-            f"| {name} | {statistics.median(values) * 1e3:.2f} | {statistics.median(ratios):.3f} "
+            f"| {name} | {statistics.median(values) * 1e3:.2f} | {extra:+.2f} | {statistics.median(ratios):.3f} "
             f"| [{low:.3f}, {high:.3f}] |"
         )
     section = "\n".join(
@@ -119,8 +120,8 @@ def main() -> int:
             "from its wheel (the `.pth` rows) or non-editable into a `--target` directory on PYTHONPATH (the "
             "sitecustomize rows); variants interleaved in random order each round.",
             "",
-            "| variant | median (ms) | median ratio to floor | 95 % CI (bootstrap) |",
-            "|---|---|---|---|",
+            "| variant | median (ms) | vs floor (ms) | median ratio to floor | 95 % CI (bootstrap) |",
+            "|---|---|---|---|---|",
             *rows,
             "",
             f"For scale: `python -S -c pass` (no `site` at all) took {statistics.median(bare) * 1e3:.2f} ms.",

@@ -682,6 +682,33 @@ def shell(argv: list[str], env: dict[str, str], work: Path) -> str:
     return f"{prefix} {text}".strip()
 
 
+#: Metrics compared seed by seed against the shim-off arm: a seed fixes the Stage-3 data order and LoRA init,
+#: so the difference of two arms within a seed is free of that noise.
+PAIRED = ("indomain_corner", "indomain_exact", "ood_corner", "ood_exact", "nll", "gkd")
+
+
+def paired_rows(results: dict[str, Any]) -> list[str]:
+    """Per arm and metric: the mean over seeds of (arm − shim off) within each seed, each seed's difference,
+    and how many seeds share the mean's sign; drift as the factor by which the arm reduces it."""
+    labels = {key: label for key, label, _ in METRICS}
+    head = "| arm − shim off, per seed | drift merger reduced | " + " | ".join(labels[k] for k in PAIRED) + " |"
+    rows = [head, "|---" * (len(PAIRED) + 2) + "|"]
+    numbers, seeds = results["numbers"], results["seeds"]
+    for arm in (Arm(**a) for a in results["arms"]):
+        if arm.name == "off":
+            continue
+        off_drift = statistics.fmean(numbers[f"off-s{s}"]["drift_merger"] for s in seeds)
+        arm_drift = statistics.fmean(numbers[f"{arm.name}-s{s}"]["drift_merger"] for s in seeds)
+        cells = [f"{off_drift / arm_drift:.0f}x" if arm_drift > 0 else "to 0"]
+        for key in PAIRED:
+            diffs = [numbers[f"{arm.name}-s{s}"][key] - numbers[f"off-s{s}"][key] for s in seeds]
+            mean = statistics.fmean(diffs)
+            same = sum((d > 0) == (mean > 0) and d != 0 for d in diffs)
+            cells.append(f"{mean:+.3f} ({', '.join(f'{d:+.3f}' for d in diffs)}; {same}/{len(diffs)})")
+        rows.append(f"| {arm.label} | " + " | ".join(cells) + " |")
+    return rows
+
+
 def report(results: dict[str, Any], work: Path) -> str:
     """The generated block of EFFECT.md: setup, teacher, the arms table, per-seed rows, plots, commands."""
     stats, timing = aggregate(results), results["timing"]
@@ -741,6 +768,12 @@ def report(results: dict[str, Any], work: Path) -> str:
             f"Mean ± standard deviation over the {len(results['seeds'])} seeds of each arm. {definitions}.",
             "",
             *rows,
+            "",
+            "Paired by seed: each cell is the mean over seeds of (arm − shim off) within a seed, then each "
+            "seed's difference and how many seeds share the mean's sign; *drift merger reduced*: shim off's "
+            "mean held-out merger drift over the arm's.",
+            "",
+            *paired_rows(results),
             "",
             "<details><summary>Every run</summary>",
             "",
@@ -807,6 +840,7 @@ def plot(results: dict[str, Any], img_dir: Path) -> None:
         ax.set_xticks(range(len(arm_list)), [a.name for a in arm_list], fontsize=8)
         if key.startswith(("drift", "train_drift")):
             ax.set_yscale("symlog", linthresh=1e-6)
+            ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
     for ax in axes.ravel()[len(panels) :]:
         ax.axis("off")
@@ -826,6 +860,8 @@ def plot(results: dict[str, Any], img_dir: Path) -> None:
             low, high = [min(c) for c in columns], [max(c) for c in columns]
             ax.fill_between(steps, low, high, color=colour[arm.name], alpha=0.15)
     axes[0].set_yscale("symlog", linthresh=1e-6)
+    axes[0].set_ylim(bottom=0)
+    axes[1].set_yscale("log")
     axes[0].set_title("relative drift of the merger output during Stage 3 (train batches)")
     axes[1].set_title("GKD part of the training loss (loss − vision_kd_loss)")
     for ax in axes:

@@ -100,7 +100,17 @@ class _SwiftImportWatch:
             sys.meta_path.remove(self)
         if not _active:
             return None
-        _register()
+        try:
+            _register()
+        except Exception as exc:
+            # Only in a process that may train (_register stays out of the others): the user asked for vision
+            # KD and nothing could patch ms-swift, so its import stops here, before any model loads.
+            from vkd_shim.errors import PatchError
+
+            raise PatchError(
+                f"vision KD was asked for (VKD_ENABLE) but cannot hook ms-swift's imports: {exc!r}; "
+                "reinstall vkd-shim (wrapt is a dependency), or unset VKD_ENABLE"
+            ) from exc
         from importlib.util import find_spec
 
         return find_spec(fullname)
