@@ -25,7 +25,7 @@ export HF_HUB_OFFLINE := 1
 export MODELSCOPE_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv lint test test46 demo bench bench-gpu bench-gpu-dry clean
+.PHONY: venv lint test test46 demo bench bench-gpu bench-gpu-dry gpu-wheelhouse gpu-image-dry clean
 
 # $(call pip_install,PYTHON,LOG,ARGS): silent when it works (this machine's index prints a warning per
 # package), and when it does not, the end of pip's log (a full disk, a resolver conflict) and a failed make.
@@ -86,6 +86,17 @@ bench-gpu: venv
 
 bench-gpu-dry: venv
 	tests/benchmarks/gpu_suite.sh --device cpu $(WORK)/gpu-suite-dry
+
+# The lent GPU machine's image has Python 3.12, torch and transformers but no ms-swift and no package index: the
+# wheels it lacks (requirements/gpu-image.txt, and the shim's own) travel in .whl, the device tool's carry [".whl"].
+gpu-wheelhouse:
+	tests/benchmarks/gpu_wheelhouse.sh .whl
+
+# The suite's dry run on that machine's software: an image-like Python 3.12 venv (.venv-gpu-image, from
+# requirements/gpu-image-base.txt; PYTHON312 names the interpreter), the wheelhouse installed on top exactly as the
+# machine installs it (tests/benchmarks/gpu_install.sh), then gpu_suite.sh --device cpu. Not part of `make test`.
+gpu-image-dry: gpu-wheelhouse
+	tests/benchmarks/gpu_image_dry.sh $(WORK)/gpu-image-dry
 
 clean:
 	rm -rf $(WORK) build *.egg-info

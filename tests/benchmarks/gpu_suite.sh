@@ -45,7 +45,7 @@ mkdir -p "$WORK"
 
 if [ "$DEVICE" = cuda ]; then
     STEP_ARGS=(--device cuda --model 4b --steps 100 --warmup 5 --sync-steps 10)
-    STEP_TIMEOUT=330
+    STEP_TIMEOUT=300
     RUN_ARGS=(--device cuda --timeout 90 --budget 225)
     RUNS_TIMEOUT=240
 else
