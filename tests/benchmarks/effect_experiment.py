@@ -619,16 +619,24 @@ METRICS = (
 )
 
 
+def answer_numbers(score: dict[str, Any]) -> dict[str, float]:
+    """What the greedy answers scored: a run's and the teacher's table cells read the same keys."""
+    indomain, ood = score["indomain"], score["ood"]
+    return {
+        "indomain_corner": indomain["corner"],
+        "indomain_exact": indomain["exact"],
+        "ood_corner": ood["corner"],
+        "ood_exact": ood["exact"],
+        "new_format": ood["new_format"],
+        "hallucination": ood["hallucination"],
+    }
+
+
 def run_numbers(run: dict[str, Any], score: dict[str, Any]) -> dict[str, float]:
     logs = run["logs"]
     total, term = tail_mean(logs, "loss"), tail_mean(logs, "vision_kd_loss") or 0.0
     return {
-        "indomain_corner": score["indomain"]["corner"],
-        "indomain_exact": score["indomain"]["exact"],
-        "ood_corner": score["ood"]["corner"],
-        "ood_exact": score["ood"]["exact"],
-        "new_format": score["ood"]["new_format"],
-        "hallucination": score["ood"]["hallucination"],
+        **answer_numbers(score),
         **{f"drift_{t}": score["drift"][t] for t in TARGETS},
         "train_drift_merger": tail_mean(logs, "vision_kd/drift/merger"),
         "gkd": total - term,
@@ -803,15 +811,7 @@ def report(results: dict[str, Any], work: Path) -> str:
 
 
 def _teacher_cell(teacher: dict[str, Any], key: str) -> str:
-    values = {
-        "indomain_corner": teacher["indomain"]["corner"],
-        "indomain_exact": teacher["indomain"]["exact"],
-        "ood_corner": teacher["ood"]["corner"],
-        "ood_exact": teacher["ood"]["exact"],
-        "new_format": teacher["ood"]["new_format"],
-        "hallucination": teacher["ood"]["hallucination"],
-        "nll": teacher["nll"],
-    }
+    values = {**answer_numbers(teacher), "nll": teacher["nll"]}
     if key in values:
         return f"{values[key]:.2f}" if key != "nll" else fmt(values[key])
     return "0" if key.startswith(("drift", "jsd")) else "—"
