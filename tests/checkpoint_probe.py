@@ -3,11 +3,16 @@
 Run as a script (`python tests/checkpoint_probe.py STUDENT CHECKPOINT`), never imported: the point is a
 process in which vkd_shim is not loaded, so a checkpoint that needs the shim (an extra key, a missing one,
 a ZeRO partition saved as an empty tensor) shows here. A LoRA checkpoint is loaded through ms-swift's
-`Swift.from_pretrained`, a full one through ms-swift's own model loader, as `swift infer` does.
+`Swift.from_pretrained`, a full one through ms-swift's own model loader, as `swift infer` does. An FSDP
+SHARDED_STATE_DICT checkpoint of full fine-tuning (DCP shards only, nothing `from_pretrained` reads) is first
+merged the way accelerate documents for it (`accelerate merge-weights`, `merge_fsdp_weights`) into a
+directory beside the base model's config and processor files, then loaded like a full one.
 """
 
 import json
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -67,8 +72,23 @@ def full(student: str, checkpoint: Path) -> dict:
     }
 
 
+def sharded(student: str, checkpoint: Path) -> dict:
+    from accelerate.utils import merge_fsdp_weights
+
+    with tempfile.TemporaryDirectory(prefix="merged_") as tmp:
+        merged = Path(tmp)
+        for path in Path(student).iterdir():
+            if path.is_file() and not path.name.startswith("model"):
+                shutil.copy(path, merged)
+        merge_fsdp_weights(str(checkpoint / "pytorch_model_fsdp_0"), str(merged), safe_serialization=True)
+        return {**full(student, merged), "merged_from": "pytorch_model_fsdp_0"}
+
+
 if __name__ == "__main__":
     student_dir, checkpoint_dir = sys.argv[1], Path(sys.argv[2])
-    probe = lora if (checkpoint_dir / "adapter_model.safetensors").exists() else full
+    if (checkpoint_dir / "adapter_model.safetensors").exists():
+        probe = lora
+    else:
+        probe = sharded if (checkpoint_dir / "pytorch_model_fsdp_0").is_dir() else full
     report = probe(student_dir, checkpoint_dir)
     print(json.dumps({**report, "vkd_shim_imported": "vkd_shim" in sys.modules}))

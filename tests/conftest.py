@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from e2e_support import PROBE_SITECUSTOMIZE
+from two_ranks import Run, run_two_ranks
 
 from vkd_shim.testing import launch as kit
 
@@ -32,3 +33,17 @@ def probe_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("user_site")
     (path / "sitecustomize.py").write_text(PROBE_SITECUSTOMIZE, encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session")
+def ddp_plain(gkd_assets, swift_cache, tmp_path_factory) -> Run:
+    """Plain ms-swift GKD under 2-rank DDP: the baseline every engine suite must equal (tests/two_ranks.py)."""
+    run = run_two_ranks(gkd_assets, swift_cache, tmp_path_factory.mktemp("ddp") / "out").trained()
+    assert all(r["loss"] > 0 and r["grad_norm"] > 0 for r in run.train), run.train
+    return run
+
+
+@pytest.fixture(scope="session")
+def ddp_vkd(gkd_assets, swift_cache, tmp_path_factory) -> Run:
+    """The same run with vision KD on (the shipped configs): the baseline of the engines' vision-KD runs."""
+    return run_two_ranks(gkd_assets, swift_cache, tmp_path_factory.mktemp("ddp_vkd") / "out", vkd=True).trained()

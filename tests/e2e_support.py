@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -97,6 +98,13 @@ def report(proc: subprocess.CompletedProcess) -> str:
 
 def trained(proc: subprocess.CompletedProcess) -> None:
     assert proc.returncode == 0, report(proc)
+
+
+def free_port() -> int:
+    """A port for torchrun's rendezvous, so parallel test sessions on one machine do not collide."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -5,166 +5,58 @@ proved nothing: with DeepSpeed 0.18.9 plain ms-swift logged loss 0.0 / grad_norm
 by `logging_nan_inf_filter`; the causes are in docs/DISTRIBUTED.md). Every run is a real
 `swift rlhf --rlhf_type gkd` launch with NPROC_PER_NODE=2, `--use_cpu true --ddp_backend gloo`, 3 steps,
 the kit's image / video / text rows (with seed 42 one rank's micro-batch is text-only while the other's has
-images, so under DeepSpeed ms-swift runs the vision tower on its dummy image there). Off-policy
-(`--lmbda 0`: no sampling, so DeepSpeed and DDP see the same batches) unless a test says otherwise; a run
-that must equal another does so per step to logging.jsonl's 8 decimals (tolerance: two units of the last
-one, or 1e-4 relative), and a switched-off run equals its plain twin exactly.
+images, so under DeepSpeed ms-swift runs the vision tower on its dummy image there); the launch, the
+tolerances and the DDP baselines are tests/two_ranks.py's. Off-policy unless a test says otherwise.
 
 DeepSpeed 0.19.8 (pinned in requirements/swift46.txt and swift312.txt); ms-swift's own `--teacher_deepspeed`
 bug is worked around in the children only (tests/ds_cpu_harness), and a strict xfail shows it without the
 workaround. Configs: tests/ds_configs (ms-swift's zero2/zero3 with fp16/bf16 disabled, no train_batch_size).
 
-Cost on 2 CPU cores: 12 two-rank runs, 20-60 s each, plus one build of DeepSpeed's CPU comm op (cached).
+Cost on 2 CPU cores: 10 two-rank runs, 20-60 s each, plus one build of DeepSpeed's CPU comm op (cached), and
+the two DDP baselines this suite shares with tests/test_fsdp.py (session fixtures in conftest.py).
 The ms-swift 3.12 stack runs the full fine-tuning test only (`make test312`).
 """
 
 from __future__ import annotations
 
-import json
-import math
-import os
-import signal
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from two_ranks import (
+    ABS,
+    ALIGNER,
+    DISTANCES,
+    KD_KEYS,
+    REL,
+    SAVE_AT_2,
+    STEPS,
+    Run,
+    assert_same,
+    assert_vision_kd_ran,
+    numbers,
+    probe_checkpoint,
+    run_two_ranks,
+)
 
 from vkd_shim import patches
-from vkd_shim.bootstrap import BOOTSTRAP_DIR
-from vkd_shim.testing import launch as kit
 
 pytestmark = [pytest.mark.deepspeed, pytest.mark.e2e]
 
 TESTS = Path(__file__).resolve().parent
 HARNESS_DIR = TESTS / "ds_cpu_harness"
-CHECKPOINT_PROBE = TESTS / "checkpoint_probe.py"
 ZERO2, ZERO3 = TESTS / "ds_configs" / "ds_zero2_cpu.json", TESTS / "ds_configs" / "ds_zero3_cpu.json"
-SHIPPED_CONFIGS = [TESTS.parent / "configs" / name for name in ("visual_kd_base.yaml", "stage3_visual_kd.yaml")]
-VKD_RUN = Path(sys.executable).with_name("vkd-run")
-TIMEOUT_S = 900
-STEPS = 3
-REL, ABS = 1e-4, 2e-8
-KD_KEYS = ("vision_kd_loss", "vision_kd/merger", "vision_kd/deepstack_0", "vision_kd/deepstack_1")
-DISTANCES = KD_KEYS[1:]
-ALIGNER = {"merger", "deepstack_merger_list.0", "deepstack_merger_list.1"}
-SAVE_AT_2 = ("--save_strategy", "steps", "--save_steps", "2")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Run:
-    """One finished 2-rank run, as a user sees it: exit code, output, logging.jsonl rows, event lines."""
-
-    def __init__(self, code: int, output: str, out: Path, events: Path) -> None:
-        self.code, self.output, self.out = code, output, out
-        rows = kit.read_logging_jsonl(out) if list(out.glob("v*-*/logging.jsonl")) else []
-        self.train = [r for r in rows if "loss" in r]
-        self.evals = [r for r in rows if "eval_loss" in r]
-        lines = events.read_text().splitlines() if events.exists() else []
-        self.events = [json.loads(x) for x in lines if x.strip()]
-
-    def trained(self) -> Run:
-        assert self.code == 0, self.output[-5000:]
-        return self
-
-    def named(self, name: str) -> list[dict]:
-        return [e for e in self.events if e["event"] == name]
-
-    def checkpoint(self, step: int) -> Path:
-        (path,) = self.out.glob(f"v*-*/checkpoint-{step}")
-        return path
-
-
-def run_gkd(
-    assets: dict, cache: Path, out: Path, *extra: str, vkd: bool = False, gate_off: bool = False, harness_skip: str = ""
-) -> Run:
-    """A 2-rank CPU run in a session of its own (a hang kills torchrun and both workers and fails the test).
-
-    `vkd` launches through vkd-run with the shipped configs; `gate_off` puts the bootstrap first on
-    PYTHONPATH with VKD_ENABLE unset, the way a shared image that has the shim installed runs every job.
-    """
-    argv = kit.gkd_command(
-        assets,
-        out,
-        *("--use_cpu", "true", "--ddp_backend", "gloo", "--lmbda", "0", "--max_steps", str(STEPS)),
-        *("--eval_steps", str(STEPS), "--save_strategy", "no", *extra),
-    )
-    env = {k: v for k, v in kit.gkd_env(cache_dir=cache).items() if not k.startswith("VKD_")}
-    env.update(NPROC_PER_NODE="2", MASTER_PORT=str(free_port()), DS_ACCELERATOR="cpu")
-    pythonpath = [str(BOOTSTRAP_DIR)] if gate_off else []
-    env.update(PYTHONPATH=os.pathsep.join([*pythonpath, str(HARNESS_DIR)]), DS_CPU_HARNESS="1")
-    env.update(DS_CPU_HARNESS_SKIP=harness_skip)
-    events = out.parent / "events.jsonl"
-    if gate_off:
-        env["VKD_LOG_FILE"] = str(events)
-    if vkd:
-        argv = [VKD_RUN, "--config", os.pathsep.join(map(str, SHIPPED_CONFIGS)), "--log-file", events, *argv]
-    proc = subprocess.Popen(
-        [str(a) for a in argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True,
-    )  # fmt: skip
-    try:
-        output, _ = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail(f"hung: no exit after {TIMEOUT_S} s\n{proc.communicate()[0][-5000:]}")
-    return Run(proc.returncode, output, out, events)
+def run_gkd(assets: dict, cache: Path, out: Path, *extra: str, harness_skip: str = "", **kwargs) -> Run:
+    """A 2-rank run (tests/two_ranks.py) on DeepSpeed's CPU accelerator, with tests/ds_cpu_harness's ms-swift
+    workaround on unless `harness_skip` names it."""
+    env = {"DS_ACCELERATOR": "cpu", "DS_CPU_HARNESS": "1", "DS_CPU_HARNESS_SKIP": harness_skip}
+    return run_two_ranks(assets, cache, out, *extra, harness=[HARNESS_DIR], env=env, **kwargs)
 
 
 def deepspeed(student: Path, teacher: Path | None = None) -> tuple[str, ...]:
     flags = ("--deepspeed", str(student), "--fp16", "false", "--bf16", "false")
     return (*flags, "--teacher_deepspeed", str(teacher)) if teacher else flags
-
-
-def assert_same(got: list[dict], want: list[dict], keys: tuple[str, ...], steps: int = STEPS) -> None:
-    assert len(got) == len(want) == steps, (got, want)
-    for g, w in zip(got, want, strict=True):
-        for key in keys:
-            assert math.isfinite(g[key]), (g["global_step/max_steps"], key, g)
-            assert g[key] == pytest.approx(w[key], rel=REL, abs=ABS), (g["global_step/max_steps"], key, g[key], w[key])
-
-
-def assert_vision_kd_ran(run: Run) -> None:
-    """Finite in train and eval, non-zero once the warm-up (2 steps in the stage-3 overlay) lets it in,
-    both ranks attached and summarized, nothing skipped."""
-    assert len(run.train) == STEPS and run.evals, run.output[-3000:]
-    assert all(math.isfinite(r[k]) for r in run.train for k in KD_KEYS), run.train
-    assert run.train[0]["vision_kd/merger"] > 0 and all(r["vision_kd_loss"] > 0 for r in run.train[1:]), run.train
-    assert all(math.isfinite(run.evals[-1][f"eval_{k}"]) and run.evals[-1][f"eval_{k}"] > 0 for k in KD_KEYS)
-    assert not run.named("vkd.skip") and not run.named("vkd.refuse"), run.events
-    assert sorted(e["rank"] for e in run.named("vkd.attach")) == [0, 1]
-    assert sorted(e["rank"] for e in run.named("vkd.summary")) == [0, 1]
-
-
-def probe_checkpoint(student: str, checkpoint: Path, cache: Path) -> dict:
-    """What a process without the shim loads from the checkpoint (tests/checkpoint_probe.py)."""
-    proc = subprocess.run(
-        [sys.executable, str(CHECKPOINT_PROBE), student, str(checkpoint)],
-        env=kit.gkd_env(cache_dir=cache), capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    loaded = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert loaded["vkd_shim_imported"] is False and loaded["saved"] > 0, loaded
-    assert len(loaded["restored_exactly"]) == loaded["saved"], loaded
-    return loaded
-
-
-@pytest.fixture(scope="module")
-def ddp_plain(gkd_assets, swift_cache, tmp_path_factory) -> Run:
-    run = run_gkd(gkd_assets, swift_cache, tmp_path_factory.mktemp("ddp") / "out").trained()
-    assert all(r["loss"] > 0 and r["grad_norm"] > 0 for r in run.train), run.train
-    return run
-
-
-@pytest.fixture(scope="module")
-def ddp_vkd(gkd_assets, swift_cache, tmp_path_factory) -> Run:
-    return run_gkd(gkd_assets, swift_cache, tmp_path_factory.mktemp("ddp_vkd") / "out", vkd=True).trained()
 
 
 @pytest.fixture(scope="module")
@@ -199,12 +91,6 @@ def test_switched_off_shim_under_zero2_is_the_plain_run_exactly(zero2_plain, gkd
     """The bootstrap on PYTHONPATH with VKD_ENABLE unset: every logged number equals the plain run's,
     bit for bit, and the shim never starts (no event file)."""
     run = run_gkd(gkd_assets, swift_cache, tmp_path / "out", *deepspeed(ZERO2), gate_off=True).trained()
-
-    def numbers(rows: list[dict]) -> list[dict]:
-        """Every logged value but the clocks (throughput, run time, elapsed time)."""
-        clocks = ("speed", "per_second", "runtime", "_time")
-        return [{k: v for k, v in r.items() if not any(c in k for c in clocks)} for r in rows]
-
     assert numbers(run.train) == numbers(zero2_plain.train) and len(run.train) == STEPS
     assert numbers(run.evals) == numbers(zero2_plain.evals) and run.evals
     assert not any(k.startswith("vision_kd") for r in run.train + run.evals for k in r)

@@ -1,4 +1,5 @@
-"""Distributed launches: two CPU ranks under torchrun, DeepSpeed's multi-node environment, FSDP.
+"""Distributed launches: two CPU ranks under torchrun, a model DDP cannot take whole, DeepSpeed's multi-node
+environment (FSDP2: tests/test_fsdp.py; DeepSpeed ZeRO on CPU ranks: tests/test_deepspeed.py).
 
 Why these tests exist: users launch Stage-3 GKD with `NPROC_PER_NODE=8 swift rlhf ...`, torchrun or
 DeepSpeed's multi-node runner. Activation must reach every worker, every rank must log its own events, the
@@ -6,9 +7,8 @@ metric must be the mean over all ranks' micro-batches (a rank with a text-only m
 waits for nobody), and the ranks must stay one data-parallel job. CI has no GPU, so the multi-process run
 uses gloo on CPU, which needs `--use_cpu true` (see docs/DISTRIBUTED.md for why).
 
-Cost on 2 shared CPU cores: two real `swift rlhf` launches (a 2-rank training run, about 60-120 s, and an
-FSDP launch that stops before loading, about 30 s), one torchrun of a 2-rank probe without models (15-30
-s) and a few interpreter starts.
+Cost on 2 shared CPU cores: two real 2-rank `swift rlhf` training runs (about 60-120 s and 45-90 s), one
+torchrun of a 2-rank probe without models (15-30 s), one `vkd-shim doctor` and a few interpreter starts.
 
 The `test_deepspeed_env_*` tests exercise `deepspeed_env_lines`, `write_deepspeed_env`,
 `deepspeed_env_problems` (in `vkd_shim.env`) and `vkd-run --write-deepspeed-env`, which carry the
@@ -23,20 +23,20 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from e2e_support import VKD_RUN, VKD_SHIM, free_port, read_jsonl
+from e2e_support import swift_env as offline_env
+from two_ranks import SHIPPED_CONFIGS, run_two_ranks
 
 from vkd_shim import patches, swift_layouts
 from vkd_shim.bootstrap import BOOTSTRAP_DIR
 from vkd_shim.testing import launch as kit
 
 REPO = Path(__file__).resolve().parents[1]
-VKD_RUN = Path(sys.executable).with_name("vkd-run")
-SHIPPED_CONFIGS = (REPO / "configs" / "visual_kd_base.yaml", REPO / "configs" / "stage3_visual_kd.yaml")
 TRAIN_TIMEOUT_S = 600
 FAIL_FAST_TIMEOUT_S = 240
 # Each patch point a training process applies once: all but swift's CLI (the launcher's) and Megatron's.
@@ -164,19 +164,6 @@ def launch(argv: list, env: dict, timeout: int) -> subprocess.CompletedProcess:
 def report(proc: subprocess.CompletedProcess) -> str:
     tails = f"--- stdout tail ---\n{proc.stdout[-3000:]}\n--- stderr tail ---\n{proc.stderr[-5000:]}"
     return f"exit {proc.returncode}\n{tails}"
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def free_port() -> int:
-    """A port for torchrun's rendezvous, so parallel test sessions on one machine do not collide."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def image_tokens(row: dict) -> int:
@@ -370,31 +357,39 @@ def test_two_cpu_ranks_train_as_one_ddp_job_with_vision_kd(gkd_assets, swift_cac
         assert per_rank[0][step - 1]["logs"] == per_rank[1][step - 1]["logs"]  # every rank computed the same
 
 
-# --- 2. FSDP ---------------------------------------------------------------------------------------
+# --- 2. a deepstack merger the language model never reads ----------------------------------------------
 
 
 @pytest.mark.e2e
-def test_fsdp_is_refused_before_any_model_loads(gkd_assets, swift_cache, tap_dir, tmp_path):
-    """ms-swift 4.6 accepts `--fsdp fsdp2` on CPU (it sets up FSDP2 in its arguments); the shim's preflight
-    then stops the run with one line naming FSDP and the fix, before the pipeline's per-model loader is
-    entered, as the tap (armed when the pipeline module loads) shows.
+def test_a_deepstack_merger_the_language_model_never_reads_is_left_out_under_ddp(gkd_assets, swift_cache, tmp_path):
+    """Teacher and student with 3 deepstack mergers and 2 text layers: Qwen3-VL adds deepstack feature i after
+    text layer i, so the third merger runs and is dropped. Under 2-rank DDP (find_unused_parameters, set for
+    PEFT models) a term on it died in backward ("marked as ready twice": DDP marks the unused merger's LoRA
+    weights ready when the forward ends, then the term's gradient reaches them). The shim leaves it out, says
+    so in both ranks' `vkd.attach` (and the doctor says it before anything runs), and trains on the others.
     """
-    events_file = tmp_path / "events.jsonl"
-    argv = kit.gkd_command(gkd_assets, tmp_path / "out", "--fsdp", "fsdp2")
-    proc = launch([VKD_RUN, "--log-file", events_file, *argv], swift_env(swift_cache, tap_dir), FAIL_FAST_TIMEOUT_S)
-    assert proc.returncode != 0, report(proc)
-    assert "Using FSDP2" in proc.stdout + proc.stderr, report(proc)
+    from vkd_shim.testing.models import save_qwen3_vl
 
-    (refuse,) = [e for e in read_jsonl(events_file) if e["event"] == "vkd.refuse"]
-    assert refuse["reason"] == "FSDP is not supported by vision KD yet"
-    last_line = proc.stderr.strip().splitlines()[-1]
-    assert last_line == (
-        "vkd_shim.errors.RefusedError: vision KD refused: FSDP is not supported by vision KD yet. "
-        "Fix: use DeepSpeed ZeRO-2/3, or unset VKD_ENABLE."
-    )
-    loader = [e["event"] for path in tap_dir.glob("loader-*.jsonl") for e in read_jsonl(path)]
-    assert loader == ["armed"], loader
-    assert not list((tmp_path / "out").glob("v*/logging.jsonl"))
+    shape = {"text_config": {"num_hidden_layers": 2}, "vision_config": {"deepstack_visual_indexes": [0, 1, 2]}}
+    models = {
+        role: save_qwen3_vl(tmp_path / role, seed=seed, **shape) for role, seed in (("teacher", 0), ("student", 1))
+    }
+    assets = {**gkd_assets, **{role: str(path) for role, path in models.items()}}
+    run = run_two_ranks(assets, swift_cache, tmp_path / "run" / "out", vkd=True).trained()
+    attach = run.named("vkd.attach")
+    assert sorted(e["rank"] for e in attach) == [0, 1], run.events
+    note = attach[0]["note"]
+    assert note.startswith("deepstack_2 left out") and "never reads" in note, attach
+    assert all(e["targets"] == ["merger", "deepstack_0", "deepstack_1"] and e["note"] == note for e in attach), attach
+    assert all(math.isfinite(r["vision_kd_loss"]) for r in run.train) and run.train[-1]["vision_kd_loss"] > 0
+    assert not [k for r in run.train + run.evals for k in r if "deepstack_2" in k]
+
+    config = os.pathsep.join(str(p) for p in SHIPPED_CONFIGS)
+    argv = kit.gkd_command(assets, tmp_path / "doctor_out")
+    doctor = [VKD_RUN, "--config", config, VKD_SHIM, "doctor", "--", *argv]
+    verdict = launch(doctor, offline_env(swift_cache), FAIL_FAST_TIMEOUT_S)
+    assert verdict.returncode == 0, verdict.stdout + verdict.stderr
+    assert f"note: {note}" in verdict.stdout, verdict.stdout
 
 
 # --- 3. DeepSpeed's multi-node environment ----------------------------------------------------------

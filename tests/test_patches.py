@@ -218,7 +218,7 @@ def rlhf_args(**overrides):
         ({"rlhf_type": "dpo"}, "rlhf_type is 'dpo'"),
         ({"teacher_model_server": "http://127.0.0.1:8000"}, "remote teacher"),
         ({"teacher_model": None}, "no --teacher_model"),
-        ({"fsdp": "full_shard"}, "FSDP"),
+        ({"fsdp": "full_shard auto_wrap", "fsdp_config": {"fsdp_version": 1}}, "FSDP1"),
         ({"freeze_aligner": True}, "aligner and the ViT are both frozen"),
     ],
 )
@@ -269,6 +269,36 @@ def test_preflight_lets_lora_self_distillation_and_an_unfrozen_vit_through():
     assert preflight.check(lora_targets, config) == []
 
 
+def test_preflight_lets_fsdp2_through_and_refuses_fsdp1_however_it_is_spelled(tmp_path):
+    """ms-swift leaves `fsdp_config['fsdp_version']`; transformers strips the prefix (`version`); both default
+    to 2, the version ms-swift's GKD trainer prepares its teacher for."""
+    config = VisualKDConfig()
+    fsdp2 = {"fsdp_version": 2, "reshard_after_forward": True, "state_dict_type": "SHARDED_STATE_DICT"}
+    for options in (fsdp2, {"version": 2}, {}, None):
+        args = rlhf_args(fsdp="full_shard auto_wrap", fsdp_config=options)
+        assert preflight.fsdp_version(args) == 2 and preflight.check(args, config) == []
+    for options in ({"fsdp_version": 1}, {"version": "1"}):
+        assert preflight.check(rlhf_args(fsdp="full_shard", fsdp_config=options), config) == [preflight.FSDP1]
+    assert "--fsdp fsdp2" in preflight.FSDP1.fix
+    assert preflight.fsdp_version(rlhf_args(fsdp=[])) is None and preflight.fsdp_version(rlhf_args()) is None
+
+
+def test_preflight_refuses_a_lora_resume_from_a_sharded_fsdp_checkpoint(tmp_path):
+    """A SHARDED_STATE_DICT checkpoint holds DCP shards and no adapter files: ms-swift 4.6 resumes LoRA from
+    the adapter files, so it would train nothing. Full fine-tuning resumes from the shards; a checkpoint with
+    the adapter (FULL_STATE_DICT, or DDP) resumes LoRA."""
+    checkpoint = tmp_path / "checkpoint-2"
+    (checkpoint / "pytorch_model_fsdp_0").mkdir(parents=True)
+    config = VisualKDConfig()
+    lora = rlhf_args(fsdp="full_shard auto_wrap", tuner_type="lora", resume_from_checkpoint=str(checkpoint))
+    assert preflight.check(lora, config) == [preflight.SHARDED_LORA_RESUME]
+    assert "FULL_STATE_DICT" in preflight.SHARDED_LORA_RESUME.fix
+    full = rlhf_args(fsdp="full_shard auto_wrap", tuner_type="full", resume_from_checkpoint=str(checkpoint))
+    assert preflight.check(full, config) == []
+    (checkpoint / "adapter_config.json").write_text("{}")
+    assert preflight.check(lora, config) == []
+
+
 def write_model(path, **vision):
     path.mkdir()
     base = {"out_hidden_size": 64, "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2}
@@ -299,6 +329,47 @@ def test_preflight_reads_both_config_files(tmp_path, student, teacher, block, ma
     refusals = preflight.check(args, settings)
     assert refusals and any(re.search(match, r.reason) for r in refusals), refusals
     assert all(r.fix for r in refusals)
+
+
+def write_layers(path, layers, deepstack):
+    document = {"model_type": "qwen3_vl", "text_config": {"num_hidden_layers": layers}}
+    document["vision_config"] = {"out_hidden_size": 64, "patch_size": 16, "deepstack_visual_indexes": deepstack}
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(document))
+    return str(path)
+
+
+def test_deepstack_mergers_the_language_model_never_reads_are_left_out_or_refused_when_named(tmp_path):
+    """Qwen3-VL adds deepstack feature i after text layer i, for i below the number of text layers only: with
+    2 layers and 3 mergers the third one's output is computed and dropped. "Every deepstack merger" leaves it
+    out (with the note the run's vkd.attach and the doctor print); naming it in deepstack_layers is refused
+    with the layers that would work. A merger the teacher's language model never reads is left out too."""
+    assert preflight.unconsumed_deepstack({"text_config": {"num_hidden_layers": 2}, "vision_config": {}}) == []
+    shallow = {"text_config": {"num_hidden_layers": 2}, "vision_config": {"deepstack_visual_indexes": [0, 1, 2]}}
+    assert preflight.unconsumed_deepstack(shallow) == [2]
+    assert preflight.unconsumed_deepstack({**shallow, "text_config": {"num_hidden_layers": 3}}) == []
+    assert preflight.unconsumed_deepstack({"vision_config": shallow["vision_config"]}) == []  # no text config: unknown
+
+    student = write_layers(tmp_path / "s", 2, [0, 1, 2])
+    deep_teacher = write_layers(tmp_path / "t", 36, [0, 1, 2])
+    args = rlhf_args(model_dir=student, teacher_model=deep_teacher)
+    assert preflight.check(args, VisualKDConfig()) == []
+    (note,) = preflight.notes(args, VisualKDConfig())
+    assert note == preflight.left_out_note([2]) and note.startswith("deepstack_2 left out")
+    documents = {"student": shallow, "teacher": {**shallow, "text_config": {"num_hidden_layers": 36}}}
+    assert preflight.deepstack_plan(VisualKDConfig(), documents) == ((0, 1), [2], None)
+    assert preflight.deepstack_plan(VisualKDConfig(), {"teacher": shallow, "student": documents["teacher"]})[:2] == (
+        (0, 1),
+        [2],
+    )
+
+    named = VisualKDConfig(deepstack_layers=[1, 2])
+    (refusal,) = preflight.check(args, named)
+    assert "deepstack_layers [2]" in refusal.reason and "student 2" in refusal.reason
+    assert refusal.fix == "set custom.visual_kd.deepstack_layers to [1]"
+    assert preflight.deepstack_plan(VisualKDConfig(deepstack_layers=[0, 1]), documents) == ((0, 1), [], None)
+    assert preflight.notes(args, VisualKDConfig(targets=["merger"])) == []
+    assert preflight.notes(rlhf_args(model_dir=write_layers(tmp_path / "deep", 36, [0, 1, 2])), VisualKDConfig()) == []
 
 
 def test_preflight_refuses_a_model_without_a_vision_tower(tmp_path):

@@ -229,8 +229,25 @@ def _launch(report: _Report, launch: list[str], layout: Any) -> None:
         return
     for name in ("rlhf_type", "tuner_type", "freeze_vit", "freeze_aligner", "teacher_model", "teacher_deepspeed"):
         report.line(f"{name}: {getattr(args, name, None)!r}")
+    report.line(f"engine: {_engine(args, preflight.fsdp_version(args))}")
     for refusal in preflight.check(args, resolved.config):
         report.problem(f"vision KD refused: {refusal.reason}. Fix: {refusal.fix}.")
+    for note in preflight.notes(args, resolved.config):
+        report.line(f"note: {note}")
+
+
+def _engine(args: Any, fsdp_version: int | None) -> str:
+    """Which data-parallel engine the parsed arguments select (what the ranks shard, and how)."""
+    if fsdp_version is not None:
+        options = getattr(args, "fsdp_config", None) or {}
+        keys = ("reshard_after_forward", "activation_checkpointing", "state_dict_type")
+        detail = ", ".join(f"{key}={options[key]}" for key in keys if key in options)
+        return f"FSDP{fsdp_version} (fsdp={getattr(args, 'fsdp', None)!r}{'; ' + detail if detail else ''})"
+    deepspeed = getattr(args, "deepspeed", None)
+    if deepspeed:
+        stage = deepspeed.get("zero_optimization", {}).get("stage") if isinstance(deepspeed, dict) else deepspeed
+        return f"DeepSpeed ZeRO-{stage}"
+    return "DDP under torchrun / NPROC_PER_NODE (on CPU with --use_cpu true), else a single process"
 
 
 def _parse_swift_args(report: _Report, point: tuple[str, str], argv: list[str]) -> Any:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 from vkd_shim.config import VisualKDConfig
@@ -43,6 +44,18 @@ FROZEN_VIT = Refusal(
     " --freeze_vit true default): no trainable parameter is upstream of that feature, so its term would be a"
     " constant (the merger's LoRA does not change the merger's input)",
     "pass --freeze_vit false, or drop vit from custom.visual_kd.targets",
+)
+FSDP1 = Refusal(
+    "FSDP1 (fsdp_version 1): ms-swift's GKD trainer prepares its teacher for FSDP2 only and stops an FSDP1 run"
+    " after both models have loaded",
+    "use --fsdp fsdp2 (or fsdp_version: 2 in your FSDP config), DeepSpeed, or unset VKD_ENABLE",
+)
+SHARDED_LORA_RESUME = Refusal(
+    "resuming LoRA from an FSDP SHARDED_STATE_DICT checkpoint (pytorch_model_fsdp_0, no adapter_config.json):"
+    " ms-swift 4.6 reloads the adapter from the checkpoint's adapter files, which that state-dict type never"
+    " writes (plain ms-swift then trains 0 parameters and stops in SwiftModel.load_state_dict)",
+    "save LoRA runs with state_dict_type FULL_STATE_DICT in your FSDP config (its checkpoints hold the adapter"
+    " and resume), or resume without VKD_ENABLE",
 )
 NOT_RLHF = Refusal(
     "this launch trains without a teacher (swift sft / swift pt): vision KD distils a student's vision pathway"
@@ -85,6 +98,97 @@ def _deepstack_count(vision: dict[str, Any]) -> int:
     return len(vision.get("deepstack_visual_indexes") or ())
 
 
+def fsdp_version(args: Any) -> int | None:
+    """The FSDP version of the run, or None without FSDP.
+
+    ms-swift's ``--fsdp fsdp2`` (or a JSON file) leaves ``fsdp_config['fsdp_version']``; transformers strips
+    the ``fsdp_`` prefix (``version``) once it has parsed them; both default to 2.
+    """
+    if not getattr(args, "fsdp", None):
+        return None
+    options = getattr(args, "fsdp_config", None)
+    options = options if isinstance(options, Mapping) else {}
+    return int(options.get("fsdp_version", options.get("version", 2)))
+
+
+def unconsumed_deepstack(document: Mapping[str, Any]) -> list[int]:
+    """Indices of the deepstack mergers whose output the model's language stack never reads.
+
+    Qwen3-VL's text model adds deepstack feature ``i`` to the hidden states after decoder layer ``i``, for
+    ``i`` below the number of layers only (transformers' ``Qwen3VLTextModel.forward``: ``layer_idx in
+    range(len(deepstack_visual_embeds))``), so with fewer text layers than deepstack mergers the last
+    mergers run and are dropped. Real checkpoints never have that shape; toy and pruned ones can.
+    """
+    layers = (document.get("text_config") or {}).get("num_hidden_layers")
+    count = _deepstack_count(_vision(document) or {})
+    return list(range(layers, count)) if isinstance(layers, int) else []
+
+
+def deepstack_plan(
+    config: VisualKDConfig, documents: Mapping[str, Mapping[str, Any]]
+) -> tuple[tuple[int, ...] | None, list[int], Refusal | None]:
+    """``(deepstack layers to capture, merger indices left out, refusal)`` for the models' configs by role.
+
+    A merger whose output the language model of either side never reads (:func:`unconsumed_deepstack`) is
+    left out of "every deepstack merger" (``deepstack_layers: null``), and the run says so in its
+    ``vkd.attach`` event, rather than refused: its feature moves nothing the model computes, so a term on it
+    would train weights that nothing reads, and under DDP (``find_unused_parameters``, set for PEFT models)
+    it kills the backward: DDP marks those weights unused when the forward ends, and the term's gradient
+    then marks them ready a second time. Named in ``deepstack_layers``, such a merger is refused, like an
+    index that does not exist: the user asked for that one.
+    """
+    if "deepstack" not in config.kinds:
+        return config.deepstack_layers, [], None
+    dropped = sorted({i for document in documents.values() for i in unconsumed_deepstack(document)})
+    if not dropped:
+        return config.deepstack_layers, [], None
+    if config.deepstack_layers is not None:
+        named = [layer for layer in config.deepstack_layers if layer in dropped]
+        if not named:
+            return config.deepstack_layers, [], None
+        layers = {role: (d.get("text_config") or {}).get("num_hidden_layers") for role, d in documents.items()}
+        reason = (
+            f"deepstack_layers {named} name deepstack mergers whose output the language model never reads"
+            f" (text layers: {', '.join(f'{role} {n}' for role, n in layers.items())}; deepstack feature i is"
+            " added after text layer i)"
+        )
+        keep = [layer for layer in config.deepstack_layers if layer not in dropped] or "null"
+        return config.deepstack_layers, [], Refusal(reason, f"set custom.visual_kd.deepstack_layers to {keep}")
+    count = min(_deepstack_count(_vision(d) or {}) for d in documents.values())
+    return tuple(i for i in range(count) if i not in dropped), dropped, None
+
+
+def left_out_note(dropped: list[int]) -> str:
+    """The one sentence the run's ``vkd.attach`` event and the doctor print for :func:`deepstack_plan`'s left-outs."""
+    names = ", ".join(f"deepstack_{i}" for i in dropped)
+    return (
+        f"{names} left out of the deepstack targets: the language model has fewer layers than there are deepstack"
+        " mergers and never reads their output"
+    )
+
+
+def notes(args: Any, config: VisualKDConfig) -> list[str]:
+    """What the run will decide by itself and say at attach (the doctor prints these beside the refusals)."""
+    _, dropped, _ = deepstack_plan(config, _documents(args))
+    return [left_out_note(dropped)] if dropped else []
+
+
+def _documents(args: Any) -> dict[str, dict[str, Any]]:
+    """Both models' config.json by role, where they are local directories."""
+    paths = {"student": getattr(args, "model_dir", None) or getattr(args, "model", None)}
+    paths["teacher"] = getattr(args, "teacher_model", None)
+    documents = {role: _model_config(path) for role, path in paths.items()}
+    return {role: document for role, document in documents.items() if document is not None}
+
+
+def _sharded_checkpoint_without_adapter(checkpoint: Any) -> bool:
+    """A directory FSDP's SHARDED_STATE_DICT wrote (DCP shards of the model) with no adapter files beside them."""
+    if not isinstance(checkpoint, str):
+        return False
+    shards = os.path.isdir(os.path.join(checkpoint, "pytorch_model_fsdp_0"))
+    return shards and not os.path.isfile(os.path.join(checkpoint, "adapter_config.json"))
+
+
 def _training(args: Any, config: VisualKDConfig) -> list[Refusal]:
     if not hasattr(args, "rlhf_type"):
         return [NOT_RLHF]
@@ -97,10 +201,12 @@ def _training(args: Any, config: VisualKDConfig) -> list[Refusal]:
         out.append(REMOTE_TEACHER)
     elif getattr(args, "teacher_model", None) is None and not getattr(args, "_teacher_use_disable_adapter", False):
         out.append(NO_TEACHER)
-    if getattr(args, "fsdp", None):
-        out.append(Refusal("FSDP is not supported by vision KD yet", "use DeepSpeed ZeRO-2/3, or unset VKD_ENABLE"))
-    # ms-swift applies trainable_parameters(_regex) under full tuning only; LoRA reads target_regex.
+    if fsdp_version(args) == 1:
+        out.append(FSDP1)
     tuner = getattr(args, "tuner_type", None) or getattr(args, "train_type", None)
+    if tuner != "full" and _sharded_checkpoint_without_adapter(getattr(args, "resume_from_checkpoint", None)):
+        out.append(SHARDED_LORA_RESUME)
+    # ms-swift applies trainable_parameters(_regex) under full tuning only; LoRA reads target_regex.
     by_name = ("trainable_parameters", "trainable_parameters_regex") if tuner == "full" else ()
     unfrozen_by_name = any(getattr(args, name, None) for name in (*by_name, "target_regex"))
     if config.monitor or unfrozen_by_name:
@@ -207,4 +313,5 @@ def check(args: Any, config: VisualKDConfig) -> list[Refusal]:
     student, teacher = (documents.get(role, (None, None))[1] for role in ("student", "teacher"))
     if student is not None and teacher is not None and _vision(student) and _vision(teacher):
         out += _pair(student, teacher, config)
-    return out
+    refusal = deepstack_plan(config, {role: d for role, (_, d) in documents.items() if d is not None})[2]
+    return [*out, refusal] if refusal else out

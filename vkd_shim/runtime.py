@@ -142,7 +142,12 @@ class TrainerKD:
             raise RefusedError(*(preflight.REMOTE_TEACHER if teacher is None else preflight.NO_TEACHER))
         if self_distill:
             teacher = student  # ms-swift's teacher: the same model with its adapters disabled
-        kinds, layers, aligner = self.config.kinds, self.config.deepstack_layers, _aligner_paths(student)
+        kinds, aligner = self.config.kinds, _aligner_paths(student)
+        configs = {role: getattr(unwrap(m), "config", None) for role, m in ((STUDENT, student), (TEACHER, teacher))}
+        documents = {role: c.to_dict() for role, c in configs.items() if hasattr(c, "to_dict")}
+        layers, left_out, refusal = preflight.deepstack_plan(self.config, documents)
+        if refusal is not None:
+            raise RefusedError(*refusal)
         try:
             modules = resolve_targets(student, kinds, layers, aligner)
             self.capture = FeatureCapture(student, teacher, kinds, layers, aligner=aligner)
@@ -174,6 +179,7 @@ class TrainerKD:
             distance=self.config.distance,
             mode=self.config.mode,
             frozen_targets=[t.name for t in frozen],
+            **({"note": preflight.left_out_note(left_out)} if left_out else {}),
         )
         self._save_config(resolved)
         trainer.add_callback(_run_end_callback(self))

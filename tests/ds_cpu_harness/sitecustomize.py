@@ -1,8 +1,8 @@
 """Test-harness-only workaround for an ms-swift 4.6.0 bug under `--teacher_deepspeed`. Never in the product.
 
-Put this directory on the PYTHONPATH of the `swift rlhf` child (vkd_shim's bootstrap chains to it) and set
-DS_CPU_HARNESS=1; DS_CPU_HARNESS_SKIP=teacher leaves the bug in place (tests/test_deepspeed.py's strict
-xfail shows it).
+Put this directory on the PYTHONPATH of the `swift rlhf` child (vkd_shim's bootstrap chains to it; it chains to
+the next sitecustomize on the path in turn) and set DS_CPU_HARNESS=1; DS_CPU_HARNESS_SKIP=teacher leaves the bug
+in place (tests/test_deepspeed.py's strict xfail shows it).
 
 The bug (not CPU-specific; on NCCL it hangs; the same code in ms-swift 3.12's
 swift/trainers/rlhf_trainer/utils.py): swift/rlhf_trainers/utils.py prepare_deepspeed(...,
@@ -21,6 +21,14 @@ docs/DISTRIBUTED.md.
 """
 
 import os
+import sys
+
+try:
+    from vkd_shim.bootstrap import chain_user_sitecustomize
+
+    chain_user_sitecustomize(__file__)  # the next sitecustomize on PYTHONPATH (tests/rank_exit)
+except Exception as exc:  # never break the child's start-up
+    print(f"ds_cpu_harness: chaining failed: {exc!r}", file=sys.stderr, flush=True)
 
 # Where ms-swift's GKD path calls prepare_deepspeed for the teacher, imported there by name.
 CALLERS = (
