@@ -141,6 +141,34 @@ def test_the_switch_alone_activates_an_installed_wheel(wheel_venv, gkd_assets, s
     assert [e["files"] for e in named(events, "vkd.config")] == [configs.split(os.pathsep)]
 
 
+@pytest.mark.parametrize(
+    ("module", "dist"), [("wrapt", "wrapt"), ("structlog", "structlog"), ("yaml", "PyYAML"), ("msgspec", "msgspec")]
+)
+def test_a_broken_dependency_stops_the_run_in_the_first_process(
+    module, dist, wheel_venv, gkd_assets, swift_cache, probe_dir, tmp_path
+):
+    """Failure injection, one case per dependency the shim needs: a module of that name in the venv's own
+    site-packages (ahead of the real one) fails to import, as after a half-finished upgrade. `VKD_ENABLE=1
+    swift rlhf ...` from the wheel must not train without the term: it stops in ms-swift's CLI process (no
+    re-exec, no model loader entered), naming the module, its distribution and the fix."""
+    purelib = Path(in_venv(wheel_venv, "import sysconfig; print(sysconfig.get_path('purelib'))"))
+    shadow = purelib / f"{module}.py"
+    shadow.write_text(f"raise ImportError('{module} is broken in this environment')\n", encoding="utf-8")
+    try:
+        argv = [wheel_venv / "bin" / "swift", *kit.gkd_command(gkd_assets, tmp_path / "out", *TWO_STEPS)[1:]]
+        env = swift_env(swift_cache, probe_dir, VKD_ENABLE="1", **{PROBE_FILE_ENV: tmp_path / "probe.jsonl"})
+        proc = launch(argv, env, FAIL_FAST_TIMEOUT_S)
+        assert in_venv(wheel_venv, "print('unrelated process')", VKD_ENABLE="1") == "unrelated process"
+    finally:
+        shadow.unlink()
+    assert proc.returncode != 0, report(proc)
+    assert "run sh:" not in proc.stdout and LOADER_MARKER not in proc.stderr, report(proc)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("vkd_shim.errors.PatchError: vision KD was asked for (VKD_ENABLE)"), report(proc)
+    assert f"importing {module} failed" in last and f"pip install --force-reinstall {dist}" in last, last
+    assert not (tmp_path / "out").exists()
+
+
 def test_the_demo_runs_from_the_wheel_outside_the_checkout(wheel_venv, tmp_path):
     env = {k: v for k, v in kit.gkd_env(cache_dir=tmp_path / "cache").items() if not k.startswith("VKD_")}
     env.pop("PYTHONPATH", None)

@@ -130,7 +130,8 @@ def on_import(module: Any, boot_errors: list | tuple = ()) -> None:
 
     ``boot_errors``: what the bootstrap met, raised from the first wrapper the shim owns.
     """
-    PATCHER.boot_errors[:] = list(boot_errors)
+    # The bootstrap's own list: what it records after this call (a later hook failing) is raised too.
+    PATCHER.boot_errors = boot_errors if isinstance(boot_errors, list) else list(boot_errors)
     if module.__name__ == "swift":
         _on_swift()
         return

@@ -100,17 +100,10 @@ class _SwiftImportWatch:
             sys.meta_path.remove(self)
         if not _active:
             return None
-        try:
-            _register()
-        except Exception as exc:
-            # Only in a process that may train (_register stays out of the others): the user asked for vision
-            # KD and nothing could patch ms-swift, so its import stops here, before any model loads.
-            from vkd_shim.errors import PatchError
-
-            raise PatchError(
-                f"vision KD was asked for (VKD_ENABLE) but cannot hook ms-swift's imports: {exc!r}; "
-                "reinstall vkd-shim (wrapt is a dependency), or unset VKD_ENABLE"
-            ) from exc
+        # Only in a process that may train (_register stays out of the others): the user asked for vision KD
+        # and nothing could patch ms-swift, so its import stops here, in ms-swift's first process, before
+        # any model loads.
+        _register()
         from importlib.util import find_spec
 
         return find_spec(fullname)
@@ -130,11 +123,48 @@ def _register() -> None:
             if name in sys.modules:
                 _on_import(sys.modules[name])
         return
+    for name in DEPENDENCIES:
+        _require(name)
     from wrapt.importer import register_post_import_hook
 
     _registered = True
     for name in modules:
         register_post_import_hook(_on_import, name)
+
+
+#: What the shim imports in a process that trains, by import name, with the distribution that provides it.
+#: Checked when ``swift`` is first imported, before any of ms-swift's code runs, so a broken install is named
+#: by the shim (ms-swift itself imports some of them and would otherwise fail with a bare traceback, or, for
+#: the ones it does not need, train without vision KD).
+DEPENDENCIES = {"wrapt": "wrapt", "structlog": "structlog", "yaml": "PyYAML", "msgspec": "msgspec"}
+
+
+def _require(name: str):
+    """Import ``name`` for a run that asked for vision KD, or stop it with the module and the fix.
+
+    Raised into ms-swift's import on purpose: in a process that trains, a shim that cannot load would
+    otherwise leave the run to train without the term and exit 0.
+    """
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except Exception as exc:
+        from vkd_shim.env import ENABLE
+        from vkd_shim.errors import PatchError
+
+        missing = getattr(exc, "name", None) or name
+        top = missing.split(".")[0]
+        if top == "vkd_shim":
+            fix = "reinstall it (pip install --force-reinstall vkd-shim)"
+        else:
+            dist = DEPENDENCIES.get(top, top)
+            needs = ", ".join(DEPENDENCIES.values())
+            fix = f"repair {dist} (pip install --force-reinstall {dist}; vkd-shim needs {needs})"
+        raise PatchError(
+            f"vision KD was asked for ({ENABLE}) but the shim cannot load: importing {missing} failed with "
+            f"{type(exc).__name__}: {exc}. Fix: {fix}, or unset {ENABLE} to train without vision KD"
+        ) from exc
 
 
 def deactivate() -> bool:
@@ -151,16 +181,16 @@ def deactivate() -> bool:
 
 
 def _on_import(module) -> None:
-    """The one post-import hook: loads :mod:`vkd_shim.patches` only when it fires, and never raises.
+    """The one post-import hook: loads :mod:`vkd_shim.patches` only when it fires.
 
-    An exception escaping a post-import hook fails the user's own import (wrapt documents this), so
-    failures are recorded and printed; patches raises them later from code the shim owns.
+    An exception escaping a post-import hook fails the user's own import (wrapt documents this), so a
+    patch that fails is recorded and printed, and patches raises it later from code the shim owns. A shim
+    that cannot load at all owns no code to raise from: then ms-swift's import stops here (:func:`_require`).
     """
     if not _active:
         return
+    patches = _require("vkd_shim.patches")
     try:
-        from vkd_shim import patches
-
         patches.on_import(module, errors)
     except Exception as exc:
         message = f"vision KD cannot patch {module.__name__}: {exc!r}"
