@@ -18,6 +18,8 @@ from vkd_shim.testing import launch as kit
 GKD_MODULE = "swift.rlhf_trainers.gkd_trainer"
 VKD_RUN = Path(sys.executable).with_name("vkd-run")
 VKD_SHIM = Path(sys.executable).with_name("vkd-shim")
+#: tests/poison_harness: with E2E_POISON_FEATURES=1, what the shim reads turns non-finite (its docstring).
+POISON_HARNESS = Path(__file__).resolve().parent / "poison_harness"
 
 TRAIN_TIMEOUT_S = 600
 FAIL_FAST_TIMEOUT_S = 240
@@ -115,6 +117,12 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def named(events: list[dict], name: str) -> list[dict]:
     return [e for e in events if e["event"] == name]
+
+
+def numbers(rows: list[dict]) -> list[dict]:
+    """Every logged value but the clocks (throughput, run time, elapsed time)."""
+    clocks = ("speed", "per_second", "runtime", "_time")
+    return [{k: v for k, v in r.items() if not any(c in k for c in clocks)} for r in rows]
 
 
 def write_config(path: Path, **block) -> Path:

@@ -29,12 +29,14 @@ from e2e_support import (
     FAIL_FAST_TIMEOUT_S,
     GKD_MODULE,
     LOADER_MARKER,
+    POISON_HARNESS,
     PROBE_FILE_ENV,
     VKD_RUN,
     VKD_SHIM,
     eval_rows,
     launch,
     named,
+    numbers,
     read_jsonl,
     report,
     run_dir,
@@ -46,6 +48,7 @@ from e2e_support import (
 )
 
 from vkd_shim.bootstrap import BOOTSTRAP_DIR
+from vkd_shim.runtime import MONITOR_GOES_ON
 from vkd_shim.testing import launch as kit
 
 pytestmark = pytest.mark.e2e
@@ -370,11 +373,12 @@ def test_switched_off_and_monitored_paths_train_bit_for_bit_like_plain_swift(gkd
     relative drift (and no vision_kd_loss: nothing was added).
     """
     extra = ("--max_steps", "3", "--save_steps", "3", "--eval_strategy", "no")
-    names = ("plain", "gate_off", "weight_0", "monitor")
+    names = ("plain", "gate_off", "weight_0", "monitor", "poisoned")
     outs = [tmp_path / f"out_{name}" for name in names]
-    gate_off_events, weight_0_events, monitor_events = (tmp_path / f"{n}.jsonl" for n in names[1:])
+    gate_off_events, weight_0_events, monitor_events, poisoned_events = (tmp_path / f"{n}.jsonl" for n in names[1:])
     config = write_config(tmp_path / "vkd.yaml", weight=0)
     monitored = write_config(tmp_path / "monitor.yaml", weight=1.0)
+    strict = write_config(tmp_path / "strict.yaml", weight=1.0, nonfinite="raise", teacher_nonfinite="raise")
     launches = [
         (kit.gkd_command(gkd_assets, outs[0], *extra), swift_env(swift_cache)),
         (
@@ -395,6 +399,10 @@ def test_switched_off_and_monitored_paths_train_bit_for_bit_like_plain_swift(gkd
                 *kit.gkd_command(gkd_assets, outs[3], *extra),
             ],
             swift_env(swift_cache, VKD_MODE="monitor"),
+        ),
+        (
+            [VKD_RUN, "--config", strict, "--log-file", poisoned_events, *kit.gkd_command(gkd_assets, outs[4], *extra)],
+            swift_env(swift_cache, POISON_HARNESS, VKD_MODE="monitor", E2E_POISON_FEATURES="1"),
         ),
     ]
     for argv, env in launches:
@@ -433,6 +441,52 @@ def test_switched_off_and_monitored_paths_train_bit_for_bit_like_plain_swift(gkd
     assert attach["mode"] == "monitor"
     (summary,) = named(events, "vkd.summary")
     assert summary["mode"] == "monitor" and set(summary["mean_drift_per_target"]["train"]) == set(TARGETS)
+
+    # Non-finite features on both sides, with both policies at raise: a monitored run reports and trains on.
+    events = read_jsonl(poisoned_events)
+    nonfinite = named(events, "vkd.nonfinite")
+    assert {(e["side"], e["target"]) for e in nonfinite} == {("teacher", "merger"), ("student", "deepstack_0")}
+    assert all(e["policy"] == "raise" and e["decision"] == MONITOR_GOES_ON for e in nonfinite), nonfinite
+    (summary,) = named(events, "vkd.summary")
+    assert summary["nonfinite_rows"] == {"train/teacher/merger": len(visual), "train/student/deepstack_0": len(visual)}
+    assert not named(events, "vkd.monitor_error") and not named(events, "vkd.refuse")
+
+
+def test_monitoring_a_run_without_visual_tokens_trains_like_plain_and_exits_0(gkd_assets, swift_cache, tmp_path):
+    """Text-only data, where an anchoring run stops (`no_visual: raise`, after a 1-step stretch and at the
+    end): plain ms-swift finishes, so `VKD_MODE=monitor` must too, bit for bit, and say what it saw."""
+    rows = [json.loads(x) for x in Path(gkd_assets["train"]).read_text(encoding="utf-8").splitlines()]
+    text = tmp_path / "text_only.jsonl"
+    text.write_text("".join(json.dumps(r) + "\n" for r in rows if not r.get("images") and not r.get("videos")))
+    extra = ("--dataset", str(text), "--val_dataset", str(text), "--max_steps", "3", "--eval_strategy", "no")
+    extra += ("--save_steps", "3")
+    config = write_config(tmp_path / "vkd.yaml", weight=1.0, no_visual="raise", no_visual_steps=1)
+    events = tmp_path / "events.jsonl"
+    outs = {name: tmp_path / f"out_{name}" for name in ("plain", "monitor")}
+    trained(launch(kit.gkd_command(gkd_assets, outs["plain"], *extra), swift_env(swift_cache)))
+    monitored = [
+        VKD_RUN,
+        "--config",
+        config,
+        "--log-file",
+        events,
+        *kit.gkd_command(gkd_assets, outs["monitor"], *extra),
+    ]
+    trained(launch(monitored, swift_env(swift_cache, VKD_MODE="monitor")))
+
+    # Every logged value but the clocks (the last row's log_history repeats them) and the runs' own paths.
+    plain, monitor = (
+        [r for r in numbers(kit.read_logging_jsonl(out)) if "log_history" not in r] for out in outs.values()
+    )
+    assert len([r for r in plain if "loss" in r]) == 3 and monitor == plain
+    adapters = [(run_dir(o) / "checkpoint-3" / "adapter_model.safetensors").read_bytes() for o in outs.values()]
+    assert adapters[0] == adapters[1]
+    lines = read_jsonl(events)
+    no_visual = named(lines, "vkd.no_visual")
+    assert [e["level"] for e in no_visual] == ["warning", "warning"], no_visual  # the stretch, then the whole run
+    assert all(e["policy"] == "raise" and e["decision"] == MONITOR_GOES_ON for e in no_visual)
+    (summary,) = named(lines, "vkd.summary")
+    assert summary["visual_tokens"] == {} and summary["last_visual_step"] is None
 
 
 # --- 6. refusals before any model loads ----------------------------------------------------------------

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import pytest
-from e2e_support import VKD_RUN, free_port
+from e2e_support import VKD_RUN, free_port, numbers  # noqa: F401 (numbers: the suites' import)
 
 from vkd_shim.bootstrap import BOOTSTRAP_DIR
 from vkd_shim.testing import launch as kit
@@ -114,12 +114,6 @@ def assert_same(got: list[dict], want: list[dict], keys: tuple[str, ...], steps:
         for key in keys:
             assert math.isfinite(g[key]), (g["global_step/max_steps"], key, g)
             assert g[key] == pytest.approx(w[key], rel=REL, abs=ABS), (g["global_step/max_steps"], key, g[key], w[key])
-
-
-def numbers(rows: list[dict]) -> list[dict]:
-    """Every logged value but the clocks (throughput, run time, elapsed time)."""
-    clocks = ("speed", "per_second", "runtime", "_time")
-    return [{k: v for k, v in r.items() if not any(c in k for c in clocks)} for r in rows]
 
 
 def assert_vision_kd_ran(run: Run) -> None:

@@ -37,6 +37,8 @@ METRIC_LOSS = "vision_kd_loss"
 #: ``vision_kd/drift/<target>``: ||f_s - f_t||^2 / ||f_t||^2, logged in both modes, beside the distance.
 DRIFT_PREFIX = "vision_kd/drift/"
 VISUAL_INPUT_KEYS = ("pixel_values", "pixel_values_videos")
+#: What a monitored run says where an anchoring one would stop (policies raise, or the shim itself fails).
+MONITOR_GOES_ON = "monitoring only: reported, and the run goes on exactly as without the shim"
 #: Where a patched trainer carries its vision-KD state (an instance attribute, so the class is untouched).
 STATE_ATTR = "_vkd"
 
@@ -104,6 +106,7 @@ class _Tally:
     def __init__(self) -> None:
         self.term_steps: collections.Counter[str] = collections.Counter()
         self.skipped: collections.Counter[str] = collections.Counter()
+        self.nonfinite: collections.Counter[str] = collections.Counter()
         self.tokens: collections.Counter[str] = collections.Counter()
         self.sums: dict[tuple[str, str], Any] = {}
         self.drift: dict[tuple[str, str], Any] = {}
@@ -142,7 +145,7 @@ class TrainerKD:
             raise RefusedError(*(preflight.REMOTE_TEACHER if teacher is None else preflight.NO_TEACHER))
         if self_distill:
             teacher = student  # ms-swift's teacher: the same model with its adapters disabled
-        kinds, aligner = self.config.kinds, _aligner_paths(student)
+        kinds, aligner = self.config.kinds, aligner_paths(student)
         configs = {role: getattr(unwrap(m), "config", None) for role, m in ((STUDENT, student), (TEACHER, teacher))}
         documents = {role: c.to_dict() for role, c in configs.items() if hasattr(c, "to_dict")}
         layers, left_out, refusal = preflight.deepstack_plan(self.config, documents)
@@ -211,7 +214,9 @@ class TrainerKD:
             self.last_visual_step, self.stretch_reported = step, False
         with self.capture.window(), self._roles():
             result = wrapped(*args, **kwargs)
-            term = self._term(mode, step, self._segments(model_inputs))
+            term = None
+            with self._unless_monitoring(mode, step, "measuring"):
+                term = self._term(mode, step, self._segments(model_inputs))
         if term is None or mode == "eval" or self.config.monitor:
             # eval_loss stays ms-swift's own, so best-checkpoint selection compares across runs; the
             # term is reported beside it as eval_vision_kd_loss. A monitored run only measures.
@@ -241,6 +246,30 @@ class TrainerKD:
                 yield
         finally:
             del peft.disable_adapter
+
+    @contextlib.contextmanager
+    def _unless_monitoring(self, mode: str, step: int, what: str):
+        """A monitored run promises to train exactly as plain ms-swift, so nothing the shim meets while it
+        measures stops it: the failure becomes a ``vkd.monitor_error`` event and a summary count. Anchoring
+        lets it through: a run that asked for the term must not go on without it."""
+        if not self.config.monitor:
+            yield
+            return
+        try:
+            yield
+        except Exception as exc:
+            reason = f"{what}: {type(exc).__name__}: {exc}"
+            self.tally.skipped[reason[:80]] += 1
+            allowed, suppressed = self.limiter.allow(f"monitor_error:{reason[:60]}")
+            if allowed:
+                self.log.error(
+                    "vkd.monitor_error",
+                    mode=mode,
+                    step=step,
+                    reason=reason,
+                    suppressed=suppressed,
+                    decision=MONITOR_GOES_ON,
+                )
 
     def _segments(self, model_inputs: Mapping[str, Any]) -> dict[Any, list[int]] | None:
         """Tokens per image, then per video, for each target (``relation`` compares within each one).
@@ -326,27 +355,47 @@ class TrainerKD:
             "check that the dataset has image/video rows and that they encode (ms-swift logs 'Encoding failed'"
             " and resamples); for pipelines that are text-only by design set custom.visual_kd.no_visual: warn"
         )
-        level = "error" if self.config.no_visual == "raise" else "warning"
-        self.log.event("vkd.no_visual", level, step=step, reason=reason, fix=fix, policy=self.config.no_visual)
-        if self.config.no_visual == "raise":
+        stop = self.config.no_visual == "raise" and not self.config.monitor
+        self.log.event(
+            "vkd.no_visual",
+            "error" if stop else "warning",
+            step=step,
+            reason=reason,
+            fix=fix,
+            policy=self.config.no_visual,
+            **({"decision": MONITOR_GOES_ON} if self.config.monitor else {}),
+        )
+        if stop:
             raise NoVisualTokensError(f"vision KD is on but {reason}. Fix: {fix}.")
 
     # --- at log time and at the end --------------------------------------------------------------
 
     def flush(self, mode: str) -> None:
         """At log time only: one host read of the accumulators, then ms-swift's MeanMetric."""
+        step = self.trainer.state.global_step
+        with self._unless_monitoring(mode, step, "reporting"):
+            self._flush(mode, step)
+
+    def _flush(self, mode: str, step: int) -> None:
         self.buffer.flush(mode, self.layout.metrics(self.trainer), self.keys)
         pending, self.pending_nonfinite[mode] = self.pending_nonfinite[mode], {}
-        step = self.trainer.state.global_step
         for (side, target), count in pending.items():
             total = int(count)
             if total == 0:
                 continue
+            self.tally.nonfinite[f"{mode}/{side}/{target}"] += total
             policy = self.config.nonfinite if side == STUDENT else self.config.teacher_nonfinite
             self.log.warning(
-                "vkd.nonfinite", step=step, mode=mode, target=target, side=side, count=total, policy=policy
+                "vkd.nonfinite",
+                step=step,
+                mode=mode,
+                target=target,
+                side=side,
+                count=total,
+                policy=policy,
+                **({"decision": MONITOR_GOES_ON} if self.config.monitor else {}),
             )
-            if policy != "raise":
+            if policy != "raise" or self.config.monitor:
                 continue
             if side == TEACHER:
                 raise NonFiniteError(
@@ -360,13 +409,18 @@ class TrainerKD:
             )
 
     def end_of_training(self) -> None:
-        """One summary event; a run that never saw a visual token stops here (exit non-zero)."""
+        """One summary event; a run that anchors and never saw a visual token stops here (exit non-zero)."""
+        with self._unless_monitoring("train", self.trainer.state.global_step, "summarizing"):
+            self._summarize()
+
+    def _summarize(self) -> None:
         tally = self.tally
         self.log.info(
             "vkd.summary",
             mode=self.config.mode,
             steps_with_term=dict(tally.term_steps),
             skipped=dict(tally.skipped),
+            nonfinite_rows=dict(tally.nonfinite),
             visual_tokens=dict(tally.tokens),
             mean_per_target=tally.means(),
             mean_drift_per_target=tally.means(tally.drift),
@@ -386,7 +440,7 @@ def _run_end_callback(kd: TrainerKD) -> Any:
     return VisionKDRunEnd()
 
 
-def _aligner_paths(model: Any) -> list[str] | None:
+def aligner_paths(model: Any) -> list[str] | None:
     """ms-swift's own declaration of the architecture's aligner (swift/model/model_arch.py)."""
     arch = getattr(getattr(model, "model_meta", None), "model_arch", None)
     aligner = getattr(arch, "aligner", None)
