@@ -37,6 +37,7 @@ from e2e_support import (
     swift_env,
     train_rows,
     trained,
+    without,
     write_config,
 )
 
@@ -248,17 +249,87 @@ def test_the_doctor_checks_vision_kd_with_the_switch_off_and_creates_nothing(gkd
     assert not out.exists(), list(out.rglob("*"))  # ms-swift's parser made out/vN-*; the doctor removed it
 
 
+def test_the_doctor_leaves_nothing_behind_in_any_form_of_the_arguments(gkd_assets, swift_cache, tmp_path):
+    """`--output_dir=PATH` and an abbreviated flag make ms-swift's parser create `PATH/vN-*` too; the user's
+    existing `VKD_LOG_FILE` keeps its bytes and its modification time, and one that does not exist yet is
+    not created (nor its directory)."""
+    config = write_config(tmp_path / "vkd.yaml", weight=0.1)
+    log = tmp_path / "logs" / "events.jsonl"
+    log.parent.mkdir()
+    log.write_text('{"event": "an earlier run"}\n', encoding="utf-8")
+    stamp = log.stat().st_mtime_ns
+    missing = tmp_path / "not_yet" / "events.jsonl"
+    base = without(kit.gkd_command(gkd_assets, tmp_path / "unused"), "--output_dir")
+    for form, log_file in (
+        (["--output_dir=" + str(tmp_path / "eq")], log),
+        (["--output_d", str(tmp_path / "ab")], missing),
+    ):
+        env = swift_env(swift_cache, VKD_CONFIG=config, VKD_LOG_FILE=log_file)
+        verdict = launch([VKD_SHIM, "doctor", "--", *base, *form], env, FAIL_FAST_TIMEOUT_S)
+        assert verdict.returncode == 0, verdict.stdout + verdict.stderr
+        assert f"VKD_LOG_FILE={log_file} (" in verdict.stdout and "nothing was written there" in verdict.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["logs", "vkd.yaml"]
+    assert log.read_text(encoding="utf-8") == '{"event": "an earlier run"}\n' and log.stat().st_mtime_ns == stamp
+
+
+#: Trainability chosen by name: (flags, what the run does). The aligner and the ViT stay frozen (ms-swift's
+#: defaults), so only the names decide whether the vision pathway can move.
+BY_NAME = {
+    "full_regex_misses_the_vision_pathway": (
+        ("--tuner_type", "full", "--trainable_parameters_regex", r"lm_head"),
+        False,
+    ),
+    "lora_regex_on_the_language_model_only": (("--target_regex", r".*language_model.*\.(q_proj|v_proj)"), False),
+    "lora_regex_reaches_the_merger": (
+        ("--target_regex", r".*(language_model.*\.q_proj|visual\.merger\.linear_fc1)"),
+        True,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BY_NAME))
+def test_the_doctor_judges_trainability_by_name_as_the_run_does(case, gkd_assets, swift_cache, tmp_path):
+    """ms-swift's `--trainable_parameters_regex` (full tuning) and `--target_regex` (LoRA) can unfreeze any
+    parameter, so the flags alone cannot tell whether a target can move; the run decides at trainer
+    construction, after both models load. The doctor builds the student's module tree on the meta device and
+    gets the same verdict, before anything loads."""
+    flags, trains = BY_NAME[case]
+    argv = [
+        *kit.gkd_command(gkd_assets, tmp_path / "out", *TWO_STEPS, "--max_steps", "1"),
+        "--freeze_aligner",
+        "true",
+        *flags,
+    ]
+    env = swift_env(swift_cache, VKD_CONFIG=write_config(tmp_path / "vkd.yaml", weight=0.1, targets=["merger"]))
+    verdict = launch([VKD_SHIM, "doctor", "--", *argv], env, FAIL_FAST_TIMEOUT_S)
+    assert verdict.returncode == (0 if trains else 1), verdict.stdout + verdict.stderr
+    said = (
+        "every target has a trainable parameter upstream" if trains else "PROBLEM: vision KD refused: nothing upstream"
+    )
+    assert said in verdict.stdout and f"{flags[-2].lstrip('-')}={flags[-1]!r}" in verdict.stdout, verdict.stdout
+    run = launch([VKD_RUN, *argv], env)
+    if trains:
+        trained(run)
+        assert any("vision_kd/merger" in row for row in train_rows(kit.read_logging_jsonl(tmp_path / "out")).values())
+    else:
+        assert run.returncode != 0 and "vision KD refused: nothing upstream" in run.stderr, report(run)
+
+
 def test_an_unusable_log_file_gets_the_same_verdict_from_the_doctor_and_the_run(gkd_assets, swift_cache, tmp_path):
     """`VKD_LOG_FILE` that cannot be created, or that takes no write (`/dev/full`): the run trains and its
-    event lines go to stderr after one `vkd.log_file_error` warning; the doctor says exactly that, exit 0."""
+    event lines go to stderr after one `vkd.log_file_error` warning; the doctor says so, exit 0, and for the
+    device, which only a write could test, says that it does not write there and what the run would do."""
     argv = kit.gkd_command(gkd_assets, tmp_path / "out", *TWO_STEPS)
     config = write_config(tmp_path / "vkd.yaml", weight=0.1)
-    for path, reason in (("/dev/full", "No space left on device"), ("/proc/vkd/events.jsonl", "Error")):
+    for path, verdict_line in (
+        ("/proc/vkd/events.jsonl", "WARNING: VKD_LOG_FILE=/proc/vkd/events.jsonl cannot be written (FileNotFoundError"),
+        ("/dev/full", "VKD_LOG_FILE=/dev/full: not a regular file (a device or a pipe): only a write could tell"),
+    ):
         env = swift_env(swift_cache, VKD_LOG_FILE=path)
         verdict = launch([VKD_RUN, "--config", config, VKD_SHIM, "doctor", "--", *argv], env, FAIL_FAST_TIMEOUT_S)
         assert verdict.returncode == 0, verdict.stdout + verdict.stderr
-        warning = next(line for line in verdict.stdout.splitlines() if "WARNING:" in line)
-        assert path in warning and reason in warning and "stderr instead" in warning, warning
+        line = next(line for line in verdict.stdout.splitlines() if "VKD_LOG_FILE=" in line)
+        assert verdict_line in line and "stderr instead" in line, line
 
     proc = launch([VKD_RUN, "--config", config, *argv], swift_env(swift_cache, VKD_LOG_FILE="/dev/full"))
     trained(proc)

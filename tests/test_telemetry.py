@@ -28,6 +28,7 @@ from vkd_shim.telemetry import (
     EventLogger,
     RateLimiter,
     get_logger,
+    probe_log_file,
     rank_info,
     reset_logger,
 )
@@ -235,15 +236,58 @@ def test_unwritable_log_file_falls_back_to_stderr_and_says_so(tmp_path, capsys):
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
-def test_a_file_that_opens_but_takes_no_write_is_found_by_writing(capsys):
+def test_a_file_that_opens_but_takes_no_write_moves_the_run_to_stderr(capsys):
     """/dev/full opens for append like any file; only a write fails (ENOSPC), as a full disk would."""
-    probe = EventLogger(path="/dev/full", fallback=False)  # the doctor's probe: no fallback, nothing printed
-    probe.info("vkd.doctor", launch=[])
-    assert "No space left on device" in probe.file_error and probe.dropped == 1
-    assert capsys.readouterr().err == ""
     run = EventLogger(path="/dev/full")  # the run's logger: one warning, then stderr
     run.info("vkd.attach")
     assert [line["event"] for line in parse_lines(capsys.readouterr().err)] == ["vkd.attach", "vkd.log_file_error"]
+    assert "No space left on device" in run.file_error
+
+
+def test_the_doctor_probe_judges_a_log_file_without_writing_or_creating_anything(tmp_path):
+    existing = tmp_path / "events.jsonl"
+    existing.write_text("kept\n", encoding="utf-8")
+    stamp = existing.stat().st_mtime_ns
+    assert probe_log_file(str(existing)) == (True, "appendable")
+    assert existing.read_text(encoding="utf-8") == "kept\n" and existing.stat().st_mtime_ns == stamp
+    assert probe_log_file(str(tmp_path / "a" / "b" / "events.jsonl")) == (True, "can be created")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["events.jsonl"]  # no scratch directory left
+    blocked, why = probe_log_file(str(existing / "below.jsonl"))  # a regular file where a directory must be
+    assert blocked is False and why.startswith("NotADirectoryError")
+    assert probe_log_file(str(tmp_path))[0] is False
+    if os.path.exists("/dev/full"):
+        assert probe_log_file("/dev/full")[0] is None  # only a write could tell; the probe writes nothing
+    read_only = tmp_path / "ro"
+    read_only.mkdir(mode=0o500)
+    if os.geteuid() != 0:  # root writes anywhere: the mode proves nothing there
+        assert probe_log_file(str(read_only / "events.jsonl"))[0] is False
+
+
+WRITER = """
+import sys
+from vkd_shim.telemetry import EventLogger
+
+log = EventLogger(path=sys.argv[1])
+for i in range(int(sys.argv[3])):
+    log.info("vkd.summary", writer=sys.argv[2], i=i, padding="x" * 20000)
+"""
+
+
+def test_ranks_sharing_one_log_file_never_interleave_inside_a_line(tmp_path):
+    """Lines of 20 kB (longer than a text file's 8 kB buffer, which splits them into several writes) from
+    four processes at once into one file: every line is one whole JSON object."""
+    path = tmp_path / "events.jsonl"
+    writers = [
+        subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(path), str(w), "150"], env={**os.environ, "VKD_LOG_FILE": ""}
+        )
+        for w in range(4)
+    ]
+    assert [w.wait(timeout=120) for w in writers] == [0, 0, 0, 0]
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 600
+    records = [json.loads(line) for line in lines]
+    assert sorted((r["writer"], r["i"]) for r in records) == sorted((str(w), i) for w in range(4) for i in range(150))
 
 
 def test_get_logger_is_a_lazy_singleton_and_reset_drops_it():
@@ -273,7 +317,7 @@ def test_event_table_names_are_namespaced_and_described():
     required = {
         "vkd.activate", "vkd.config", "vkd.config.invalid", "vkd.config.note", "vkd.disabled", "vkd.version",
         "vkd.patch", "vkd.unpatch", "vkd.refuse", "vkd.attach", "vkd.skip", "vkd.nonfinite",
-        "vkd.no_visual", "vkd.summary", "vkd.log_file_error", "vkd.doctor",
+        "vkd.no_visual", "vkd.summary", "vkd.log_file_error", "vkd.monitor_error",
     }  # fmt: skip
     assert set(EVENTS) == required
     assert all(name.startswith("vkd.") for name in EVENTS)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
-import itertools
 import os
 import subprocess
 import sys
@@ -100,7 +99,7 @@ def doctor(launch: list[str]) -> int:
         report.problem("a process started by vkd-run would not activate: reinstall vkd-shim")
     for problem in env.deepspeed_env_problems(os.environ):
         report.problem(problem)
-    _log_file(report, env, launch)
+    _log_file(report, env)
 
     report.section("versions")
     from vkd_shim import swift_layouts
@@ -132,23 +131,26 @@ def _version(name: str) -> str:
         return "not installed"
 
 
-def _log_file(report: _Report, env: Any, launch: list[str]) -> None:
-    """Where the run's events would go, found the way the run finds it: by writing one event there."""
+def _log_file(report: _Report, env: Any) -> None:
+    """Where the run's events would go, checked without writing there (the user's log stays untouched)."""
     from vkd_shim import telemetry
 
     path = os.environ.get(env.LOG_FILE)
     if not path:
         report.line(f"{env.LOG_FILE} unset: events go to stderr, mixed with ms-swift's output (set it to a file)")
         return
-    log = telemetry.EventLogger(path=path, fallback=False)
-    log.info("vkd.doctor", launch=launch, cwd=os.getcwd())
-    log.close()
-    if log.file_error is None:
-        report.line(f"{env.LOG_FILE}={path} (writable: a vkd.doctor line was written there)")
+    writable, why = telemetry.probe_log_file(path)
+    if writable:
+        report.line(f"{env.LOG_FILE}={path} ({why}; nothing was written there)")
+    elif writable is None:
+        report.line(
+            f"{env.LOG_FILE}={path}: {why}; if a write fails, the run writes its events to stderr instead, with a"
+            " vkd.log_file_error warning"
+        )
     else:
         report.warning(
-            f"{env.LOG_FILE}={path} cannot be written ({log.file_error}): the run would write its events to"
-            " stderr instead, with a vkd.log_file_error warning"
+            f"{env.LOG_FILE}={path} cannot be written ({why}): the run would write its events to stderr instead,"
+            " with a vkd.log_file_error warning"
         )
 
 
@@ -230,10 +232,76 @@ def _launch(report: _Report, launch: list[str], layout: Any) -> None:
     for name in ("rlhf_type", "tuner_type", "freeze_vit", "freeze_aligner", "teacher_model", "teacher_deepspeed"):
         report.line(f"{name}: {getattr(args, name, None)!r}")
     report.line(f"engine: {_engine(args, preflight.fsdp_version(args))}")
-    for refusal in preflight.check(args, resolved.config):
+    for refusal in preflight.check(args, resolved.config, layout):
         report.problem(f"vision KD refused: {refusal.reason}. Fix: {refusal.fix}.")
     for note in preflight.notes(args, resolved.config):
         report.line(f"note: {note}")
+    chosen = preflight.chosen_by_name(args)
+    if chosen and not resolved.config.monitor:
+        _trainable_by_name(report, args, resolved.config, chosen)
+
+
+def _trainable_by_name(report: _Report, args: Any, config: Any, chosen: dict[str, Any]) -> None:
+    """Trainability chosen by name or regex: the run's exact check at trainer construction, run before any load.
+
+    The student's module tree is built from its ``config.json`` on the meta device (no weights, no memory);
+    ms-swift's own functions (full tuning) or peft's target matching (LoRA ``target_regex``) set
+    ``requires_grad`` as the run will; then :func:`vkd_shim.capture.frozen_targets` decides, as at trainer
+    construction. Where the tree cannot be built (a hub id, an architecture transformers does not know), the
+    doctor says it cannot tell, and the run decides after both models load.
+    """
+    import torch
+    import transformers
+
+    from vkd_shim import capture, preflight, runtime
+
+    shown = ", ".join(f"{name}={value!r}" for name, value in chosen.items())
+    path = getattr(args, "model_dir", None) or getattr(args, "model", None)
+    try:
+        with torch.device("meta"):
+            model = transformers.AutoModelForImageTextToText.from_config(transformers.AutoConfig.from_pretrained(path))
+        model.model_meta = getattr(args, "model_meta", None)
+        _set_trainable_as_ms_swift(model, args)
+        layers, _, _ = preflight.deepstack_plan(config, preflight.model_documents(args))
+        aligner = runtime.aligner_paths(model)
+        targets = capture.resolve_targets(model, config.kinds, layers, aligner)
+        frozen = capture.frozen_targets(model, targets, aligner)
+    except Exception as exc:
+        report.line(
+            f"trainability chosen by name ({shown}): cannot be told before loading ({type(exc).__name__}: {exc});"
+            " the run checks it after both models load and stops there if no target can move"
+        )
+        return
+    if frozen:
+        refusal = preflight.frozen([t.name for t in frozen], every=len(frozen) == len(targets))
+        report.problem(f"vision KD refused: {refusal.reason} (with {shown}). Fix: {refusal.fix}.")
+    else:
+        report.line(f"trainability chosen by name ({shown}): every target has a trainable parameter upstream")
+
+
+def _set_trainable_as_ms_swift(model: Any, args: Any) -> None:
+    """``requires_grad`` as ms-swift's tuner sets it: its own freeze/activate functions under full tuning; under
+    LoRA the modules peft would adapt (``target_regex``, matched by peft) and ``modules_to_save``."""
+    import torch
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+    from swift.utils.transformers_utils import activate_parameters, freeze_parameters
+
+    tuner = getattr(args, "tuner_type", None) or getattr(args, "train_type", None)
+    if tuner == "full":
+        model.requires_grad_(True)
+        freeze_parameters(model, args.freeze_parameters_ratio, args.freeze_parameters, args.freeze_parameters_regex)
+        activate_parameters(model, args.trainable_parameters, args.trainable_parameters_regex)
+        return
+    model.requires_grad_(False)
+    lora = LoraConfig(target_modules=args.target_regex)
+    adaptable = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+    saved = tuple(getattr(args, "modules_to_save", None) or ())
+    for name, module in model.named_modules():
+        if (isinstance(module, adaptable) and check_target_module_exists(lora, name)) or (
+            saved and name.endswith(saved)
+        ):
+            module.requires_grad_(True)
 
 
 def _engine(args: Any, fsdp_version: int | None) -> str:
@@ -254,13 +322,14 @@ def _parse_swift_args(report: _Report, point: tuple[str, str], argv: list[str]) 
     """ms-swift's arguments for ``argv``, parsed by the pipeline class the run uses, leaving nothing behind.
 
     ms-swift's argument classes create ``<output_dir>/vN-<timestamp>/`` while parsing; the doctor removes
-    what parsing created (empty directories only), so the next real run keeps its version number.
+    every directory that parsing created, whatever form the arguments gave it in, so the next real run
+    keeps its version number.
     """
     from swift.utils import parse_args
 
     module_name, qualname = point
     pipeline = getattr(importlib.import_module(module_name), qualname.split(".")[0])
-    with _no_new_directories(_output_root(argv)):
+    with _no_new_directories():
         try:
             args, remaining = parse_args(pipeline.args_class, list(argv))
         except (Exception, SystemExit) as exc:
@@ -272,37 +341,28 @@ def _parse_swift_args(report: _Report, point: tuple[str, str], argv: list[str]) 
     return args
 
 
-def _output_root(argv: list[str]) -> str:
-    """The ``--output_dir`` of an argv (last one wins, as in argparse), or ms-swift's default."""
-    root = "output"
-    for flag, value in itertools.pairwise(argv):
-        if flag == "--output_dir":
-            root = value
-    return os.path.abspath(root)
-
-
 @contextlib.contextmanager
-def _no_new_directories(root: str):
-    """Remove the empty directories that appear under ``root`` (and ``root`` itself) inside the block."""
-    existed = os.path.isdir(root)
-    before = set(os.listdir(root)) if existed else set()
+def _no_new_directories():
+    """Remove, on the way out, every directory created inside the block that is still empty.
+
+    Records ``os.mkdir`` itself (``os.makedirs`` and ``pathlib`` call it), so ``--output_dir X``,
+    ``--output_dir=X``, an abbreviation, a YAML value or ms-swift's default all count alike.
+    """
+    created: list[str] = []
+    mkdir = os.mkdir
+
+    def recording_mkdir(path: Any, *args: Any, **kwargs: Any) -> None:
+        mkdir(path, *args, **kwargs)
+        created.append(os.path.abspath(os.fspath(path)))
+
+    os.mkdir = recording_mkdir
     try:
         yield
     finally:
-        if os.path.isdir(root):
-            for name in set(os.listdir(root)) - before:
-                _remove_empty_tree(os.path.join(root, name))
-            if not existed:
-                _remove_empty_tree(root)
-
-
-def _remove_empty_tree(path: str) -> None:
-    if not os.path.isdir(path) or os.path.islink(path):
-        return
-    for name in os.listdir(path):
-        _remove_empty_tree(os.path.join(path, name))
-    with contextlib.suppress(OSError):
-        os.rmdir(path)  # fails, and is kept, when anything but empty directories is inside
+        os.mkdir = mkdir
+        for path in reversed(created):
+            with contextlib.suppress(OSError):
+                os.rmdir(path)  # fails, and is kept, when something was put inside
 
 
 def _child_activation(environ: Any) -> str:

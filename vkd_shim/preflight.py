@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 from vkd_shim.config import VisualKDConfig
+from vkd_shim.swift_layouts import LAYOUTS, SwiftLayout, installed
 
 RELATION_DISTANCES = ("relation",)
 
@@ -169,11 +170,11 @@ def left_out_note(dropped: list[int]) -> str:
 
 def notes(args: Any, config: VisualKDConfig) -> list[str]:
     """What the run will decide by itself and say at attach (the doctor prints these beside the refusals)."""
-    _, dropped, _ = deepstack_plan(config, _documents(args))
+    _, dropped, _ = deepstack_plan(config, model_documents(args))
     return [left_out_note(dropped)] if dropped else []
 
 
-def _documents(args: Any) -> dict[str, dict[str, Any]]:
+def model_documents(args: Any) -> dict[str, dict[str, Any]]:
     """Both models' config.json by role, where they are local directories."""
     paths = {"student": getattr(args, "model_dir", None) or getattr(args, "model", None)}
     paths["teacher"] = getattr(args, "teacher_model", None)
@@ -187,6 +188,23 @@ def _sharded_checkpoint_without_adapter(checkpoint: Any) -> bool:
         return False
     shards = os.path.isdir(os.path.join(checkpoint, "pytorch_model_fsdp_0"))
     return shards and not os.path.isfile(os.path.join(checkpoint, "adapter_config.json"))
+
+
+def chosen_by_name(args: Any) -> dict[str, Any]:
+    """The arguments that choose trainable parameters by name or regex, where set.
+
+    ms-swift applies ``trainable_parameters(_regex)`` under full tuning only (it adds the aligner there for
+    ``--freeze_aligner false``, so only the user's own additions count); LoRA reads ``target_regex``.
+    """
+    tuner = getattr(args, "tuner_type", None) or getattr(args, "train_type", None)
+    names = ("trainable_parameters_regex",) if tuner == "full" else ("target_regex",)
+    chosen = {name: getattr(args, name, None) for name in names if getattr(args, name, None)}
+    aligner = set(getattr(getattr(getattr(args, "model_meta", None), "model_arch", None), "aligner", None) or ())
+    if tuner == "full":
+        extra = [p for p in getattr(args, "trainable_parameters", None) or () if p not in aligner]
+        if extra:
+            chosen["trainable_parameters"] = extra
+    return chosen
 
 
 def _training(args: Any, config: VisualKDConfig) -> list[Refusal]:
@@ -206,11 +224,10 @@ def _training(args: Any, config: VisualKDConfig) -> list[Refusal]:
     tuner = getattr(args, "tuner_type", None) or getattr(args, "train_type", None)
     if tuner != "full" and _sharded_checkpoint_without_adapter(getattr(args, "resume_from_checkpoint", None)):
         out.append(SHARDED_LORA_RESUME)
-    # ms-swift applies trainable_parameters(_regex) under full tuning only; LoRA reads target_regex.
-    by_name = ("trainable_parameters", "trainable_parameters_regex") if tuner == "full" else ()
-    unfrozen_by_name = any(getattr(args, name, None) for name in (*by_name, "target_regex"))
-    if config.monitor or unfrozen_by_name:
-        return out  # monitoring moves nothing; names can unfreeze anything (checked exactly at trainer init)
+    if config.monitor or chosen_by_name(args):
+        # Monitoring moves nothing; names can unfreeze anything: checked exactly at trainer init, and by the
+        # doctor on the model's module tree built on the meta device (no weights).
+        return out
     freeze_vit = getattr(args, "freeze_vit", False)
     if getattr(args, "freeze_aligner", False) and freeze_vit:
         out.append(FROZEN_VISION)
@@ -297,9 +314,22 @@ def _widths(s_vision: dict[str, Any], t_vision: dict[str, Any], config: VisualKD
     return out
 
 
-def check(args: Any, config: VisualKDConfig) -> list[Refusal]:
-    """Every refusal for this run; empty when vision KD can work. Only call with ``config.active``."""
+def fsdp2_unproven(layout: SwiftLayout) -> Refusal:
+    proven = ", ".join(f"{other.series}.x" for other in LAYOUTS if other.fsdp2)
+    return Refusal(
+        f"FSDP2 under vision KD is proven on ms-swift {proven} only (really sharded ranks against DDP), not on the"
+        f" installed {layout.series}.x",
+        f"use DeepSpeed ZeRO-2/3 or DDP on ms-swift {layout.series}, upgrade ms-swift to {proven}, or unset VKD_ENABLE",
+    )
+
+
+def check(args: Any, config: VisualKDConfig, layout: SwiftLayout | None = None) -> list[Refusal]:
+    """Every refusal for this run on ms-swift's ``layout`` (default: the installed one's); empty when vision KD
+    can work. Only call with ``config.active``."""
     out = _training(args, config)
+    layout = installed() if layout is None else layout
+    if fsdp_version(args) == 2 and not layout.fsdp2:
+        out.append(fsdp2_unproven(layout))
     if any(r in (REMOTE_TEACHER, NOT_RLHF) for r in out):
         return out
     student_path = getattr(args, "model_dir", None) or getattr(args, "model", None)

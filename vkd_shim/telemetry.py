@@ -45,7 +45,7 @@ EVENTS: Mapping[str, str] = MappingProxyType(
         "vkd.no_visual": "no visual token reached the models for a stretch of steps or a whole run",
         "vkd.summary": "end of training: steps with the term, skipped steps by reason, visual tokens, mean per target",
         "vkd.log_file_error": "VKD_LOG_FILE could not be opened or written; lines go to stderr from then on",
-        "vkd.doctor": "vkd-shim doctor checked a launch; written where the run's events would go, as a real write",
+        "vkd.monitor_error": "monitor mode met a failure of its own; reported, and the run goes on as without the shim",
     }
 )
 
@@ -172,41 +172,38 @@ class _LineSink:
 
     A log file that cannot be opened or written must not silence the shim (users do not read code
     to find out why nothing happened), so the first file failure switches output to stderr and
-    leaves a note for the owning EventLogger to report.
+    leaves a note for the owning EventLogger to report. Every rank of a job may share one
+    ``VKD_LOG_FILE``: each line goes out in one ``write`` on an ``O_APPEND`` descriptor, so lines of
+    different processes never interleave inside each other (a buffered text file splits long lines).
     """
 
-    def __init__(self, sink: TextIO | None, path: str | None, fallback: bool = True) -> None:
+    def __init__(self, sink: TextIO | None, path: str | None) -> None:
         self.sink = sink
         self.path = path
-        self.fallback = fallback
         self.dropped = 0
-        self._file: TextIO | None = None
+        self._fd: int | None = None
         self._file_error: str | None = None
         self._unreported_error: str | None = None
         self._lock = threading.Lock()
 
-    def _stream(self) -> TextIO:
-        if self.sink is not None:
-            return self.sink
-        if self.path is None or self._file_error is not None:
-            return sys.stderr
-        if self._file is None:
+    def _write(self, line: str) -> None:
+        if self.sink is not None or self.path is None or self._file_error is not None:
+            stream = self.sink if self.sink is not None else sys.stderr
+            stream.write(line + "\n")
+            stream.flush()
+            return
+        if self._fd is None:
             parent = os.path.dirname(self.path)
             if parent:
                 os.makedirs(parent, exist_ok=True)
-            self._file = open(self.path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
-        return self._file
-
-    def _write(self, line: str) -> None:
-        stream = self._stream()
-        stream.write(line + "\n")
-        stream.flush()
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        data = (line + "\n").encode("utf-8")
+        written = os.write(self._fd, data)
+        if written != len(data):
+            raise OSError(f"short write to {self.path}: {written} of {len(data)} bytes")
 
     def msg(self, line: str) -> None:
         with self._lock:
-            if not self.fallback and self._file_error is not None:
-                self.dropped += 1
-                return
             to_file = self.sink is None and self.path is not None and self._file_error is None
             try:
                 self._write(line)
@@ -216,11 +213,8 @@ class _LineSink:
                     self.dropped += 1
                     return
                 self._file_error = f"{type(exc).__name__}: {exc}"
-                self._unreported_error = self._file_error if self.fallback else None
+                self._unreported_error = self._file_error
                 self._close_file()
-            if not self.fallback:
-                self.dropped += 1
-                return
             try:
                 self._write(line)
             except (OSError, ValueError):
@@ -238,14 +232,44 @@ class _LineSink:
             return error
 
     def _close_file(self) -> None:
-        if self._file is not None:
+        if self._fd is not None:
             with contextlib.suppress(OSError):
-                self._file.close()
-            self._file = None
+                os.close(self._fd)
+            self._fd = None
 
     def close(self) -> None:
         with self._lock:
             self._close_file()
+
+
+def probe_log_file(path: str) -> tuple[bool | None, str]:
+    """Whether the run could write its events to ``path`` (``None``: only a write could tell), and why, found
+    without writing: the run makes missing parents and opens the file for append; the probe opens an existing
+    file for append and closes it, or makes and removes a scratch directory where the file would be created.
+    """
+    import tempfile
+
+    absolute = os.path.abspath(path)
+    directory = os.path.dirname(absolute)
+    try:
+        if os.path.isdir(absolute):
+            return False, f"IsADirectoryError: {absolute} is a directory"
+        if os.path.exists(absolute) and not os.path.isfile(absolute):
+            return None, "not a regular file (a device or a pipe): only a write could tell, and the doctor writes none"
+        if os.path.exists(absolute):
+            os.close(os.open(absolute, os.O_WRONLY | os.O_APPEND))
+        else:
+            while not os.path.exists(directory):
+                directory = os.path.dirname(directory)
+            if not os.path.isdir(directory):
+                return False, f"NotADirectoryError: {directory} is not a directory"
+            os.rmdir(tempfile.mkdtemp(prefix=".vkd-doctor-", dir=directory))
+        stats = os.statvfs(directory)
+    except OSError as exc:
+        return False, f"{type(exc).__name__}: {exc}"
+    if stats.f_blocks and not stats.f_bavail:
+        return False, "OSError: no space left on its file system"
+    return True, "appendable" if os.path.exists(absolute) else "can be created"
 
 
 class EventLogger:
@@ -256,11 +280,10 @@ class EventLogger:
     redirected or captured stderr works.
     """
 
-    def __init__(self, sink: TextIO | None = None, path: str | None = None, *, fallback: bool = True) -> None:
+    def __init__(self, sink: TextIO | None = None, path: str | None = None) -> None:
         if sink is None and path is None:
             path = os.environ.get(env.LOG_FILE) or None
-        # fallback=False: a file that fails drops the line instead of moving to stderr (the doctor's probe).
-        self._sink = _LineSink(sink, path, fallback)
+        self._sink = _LineSink(sink, path)
         self._context: dict[str, Any] = {}
         self._log = structlog.wrap_logger(
             self._sink,
