@@ -186,11 +186,22 @@ def draw_scene(rng: random.Random, cell: int | None, out_of_domain: bool) -> tup
 
 
 def write_split(
-    root: Path, name: str, count: int, *, out_of_domain: bool, seed: int, held_out: bool, empties: int = 0
+    root: Path,
+    name: str,
+    count: int,
+    *,
+    out_of_domain: bool,
+    seed: int,
+    held_out: bool,
+    empties: int = 0,
+    draw=draw_scene,
+    ood_answer=new_answer,
+    empty_every: int = EMPTY_EVERY,
 ) -> Path:
     """ms-swift "messages" jsonl with PNGs. Held-out splits cycle through the cells (balanced) and put
     their empty scenes last; train splits draw cells at random. In-domain answers are legacy (teacher
-    rows alternate with the colour question), out-of-domain answers new-format."""
+    rows alternate with the colour question), out-of-domain answers new-format. `draw`, `ood_answer` and
+    `empty_every` (0: no empty training scene) let another experiment draw its own out-of-domain scenes."""
     rng = random.Random(seed)
     media = root / "media"
     media.mkdir(parents=True, exist_ok=True)
@@ -199,15 +210,15 @@ def write_split(
         if held_out:
             cell = None if index >= count - empties else index % (GRID * GRID)
         else:
-            empty = out_of_domain and index % EMPTY_EVERY == EMPTY_EVERY - 1
+            empty = out_of_domain and empty_every > 0 and index % empty_every == empty_every - 1
             cell = None if empty else rng.randrange(GRID * GRID)
-        image, box, colour = draw_scene(rng, cell, out_of_domain)
+        image, box, colour = draw(rng, cell, out_of_domain)
         path = media / f"{name}_{index}.png"
         image.save(path)
         if box is None:
             prompt, answer = PROMPT, EMPTY_ANSWER
         elif out_of_domain:
-            prompt, answer = PROMPT, new_answer(box)
+            prompt, answer = PROMPT, ood_answer(box)
         elif not held_out and index % LIST_EVERY == LIST_EVERY - 1:
             prompt, answer = LIST_PROMPT, f"[{colour}]"
         else:
@@ -313,18 +324,31 @@ def teacher_command(init: Path, data: dict[str, Path], output: Path, steps: int)
 
 
 def stage3_command(
-    teacher: Path, student: Path, data: dict[str, Path], output: Path, steps: int, seed: int, arm: Arm, lr: str
+    teacher: Path,
+    student: Path,
+    data: dict[str, Path],
+    output: Path,
+    steps: int,
+    seed: int,
+    arm: Arm,
+    lr: str,
+    *,
+    dataset: str = "ood_train",
+    freeze_vit: bool | None = None,
+    lmbda: str = "0",
 ) -> list[str]:
     """Off-policy GKD (``--lmbda 0``: every step distils on the dataset's new-format answers, so every step
     also carries the SFT term; ms-swift drops ``sft_alpha`` on on-policy steps) with LoRA on the language
-    stack and, unless the arm freezes it, on the merger and deepstack mergers."""
+    stack and, unless the arm freezes it, on the merger and deepstack mergers. `freeze_vit` (None: the flag
+    is left out, ms-swift's default true) and `lmbda` are for another experiment's arms."""
+    vit = [] if freeze_vit is None else ["--freeze_vit", str(freeze_vit).lower()]
     return [
         swift(), "rlhf", "--rlhf_type", "gkd",
         "--model", str(student), "--model_type", "qwen3_vl",
         "--teacher_model", str(teacher), "--teacher_model_type", "qwen3_vl",
-        "--dataset", str(data["ood_train"]),
-        "--tuner_type", "lora", "--freeze_aligner", str(arm.freeze_aligner).lower(),
-        "--lmbda", "0", "--sft_alpha", "1", "--max_completion_length", "24", "--eval_strategy", "no",
+        "--dataset", str(data[dataset]),
+        "--tuner_type", "lora", "--freeze_aligner", str(arm.freeze_aligner).lower(), *vit,
+        "--lmbda", lmbda, "--sft_alpha", "1", "--max_completion_length", "24", "--eval_strategy", "no",
         *common_flags(steps, 4, lr, seed, output, 1),
     ]  # fmt: skip
 
@@ -363,15 +387,23 @@ def train_teacher(work: Path, data: dict[str, Path], steps: int, env: dict, reus
 def run_stage3(work: Path, data: dict, teacher: dict, arm: Arm, seed: int, opts: argparse.Namespace, env: dict):
     """One Stage-3 run through vkd-run and the shipped configs (VKD_MODE / VKD_WEIGHT pick the arm)."""
     run_dir = work / "runs" / f"{arm.name}-s{seed}"
-    output, events = run_dir / "output", run_dir / "vkd_events.jsonl"
     command = stage3_command(
-        teacher["teacher"], teacher["student"], data, output, opts.stage3_steps, seed, arm, opts.stage3_lr
+        teacher["teacher"], teacher["student"], data, run_dir / "output", opts.stage3_steps, seed, arm, opts.stage3_lr
     )
+    arm_env = {"VKD_MODE": arm.mode, **({"VKD_WEIGHT": f"{arm.weight:g}"} if arm.weight is not None else {})}
+    return launch_stage3(run_dir, arm.name, seed, command, arm_env, env, reuse=opts.reuse)
+
+
+def launch_stage3(
+    run_dir: Path, name: str, seed: int, command: list[str], arm_env: dict[str, str], env: dict, *, reuse: bool
+) -> dict[str, Any]:
+    """`command` (whose --output_dir is run_dir/output) through vkd-run and the shipped configs, with the
+    arm's VKD_* variables; checks that the shim attached and added a term exactly when VKD_MODE is anchor."""
+    output, events = run_dir / "output", run_dir / "vkd_events.jsonl"
     vkd_run = str(Path(sys.executable).with_name("vkd-run"))
     argv = [vkd_run, "--config", os.pathsep.join(map(str, CONFIGS)), "--log-file", str(events), *command]
-    arm_env = {"VKD_MODE": arm.mode, **({"VKD_WEIGHT": f"{arm.weight:g}"} if arm.weight is not None else {})}
     seconds = None
-    if not (opts.reuse and last_checkpoint(output)):
+    if not (reuse and last_checkpoint(output)):
         shutil.rmtree(run_dir, ignore_errors=True)
         seconds = run_logged(argv, {**env, **arm_env}, run_dir / "launcher.log")
     checkpoint = last_checkpoint(output)
@@ -383,10 +415,10 @@ def run_stage3(work: Path, data: dict, teacher: dict, arm: Arm, seed: int, opts:
     # A run that silently trained without the shim would turn the comparison into noise.
     attached = counts.get("vkd.attach") == 1 and any("vision_kd/tokens" in row for row in train)
     has_term = any("vision_kd_loss" in row for row in train)
-    if checkpoint is None or not attached or has_term != (arm.mode == "anchor"):
-        raise RuntimeError(f"{arm.name} seed {seed}: the shim did not run as asked (events {counts}); see {run_dir}")
+    if checkpoint is None or not attached or has_term != (arm_env["VKD_MODE"] == "anchor"):
+        raise RuntimeError(f"{name} seed {seed}: the shim did not run as asked (events {counts}); see {run_dir}")
     return {
-        "arm": arm.name,
+        "arm": name,
         "seed": seed,
         "argv": argv,
         "env": arm_env,
@@ -455,11 +487,12 @@ def greedy(engine, rows: list[dict[str, Any]]) -> dict[str, Any]:
 class Evaluator:
     """The teacher and the held-out rows, encoded once; scores one model at a time against them."""
 
-    def __init__(self, teacher_dir: Path, data: dict[str, Path]) -> None:
+    def __init__(self, teacher_dir: Path, data: dict[str, Path], targets: tuple[str, ...] = TARGETS) -> None:
         import torch
         from swift.infer_engine import TransformersEngine
 
         self.torch = torch
+        self.targets = targets  # names as the shim logs them: merger, deepstack_<i>, vit
         self.indomain = read_rows(data["indomain_eval"])
         self.ood = read_rows(data["ood_eval"])
         self.teacher = TransformersEngine(
@@ -514,9 +547,11 @@ class Evaluator:
         if engine is self.teacher:
             capture = None
         else:
-            capture = FeatureCapture(engine.model, self.teacher.model, ("merger", "deepstack"))
+            kinds = tuple(dict.fromkeys(name.split("_")[0] for name in self.targets))
+            capture = FeatureCapture(engine.model, self.teacher.model, kinds)
             capture.attach()
-        sums = {"drift": dict.fromkeys(TARGETS, 0.0), "chunks": 0, "jsd": 0.0, "nll": 0.0, "tokens": 0}
+        targets = self.targets
+        sums = {"drift": dict.fromkeys(targets, 0.0), "chunks": 0, "jsd": 0.0, "nll": 0.0, "tokens": 0}
         try:
             for batch in self.batches:
                 shifted = torch.roll(batch["labels"], shifts=-1, dims=1)  # as GKDTrainer._compute_jsd_loss
@@ -548,7 +583,7 @@ class Evaluator:
             if capture is not None:
                 capture.detach()
         chunks = max(sums["chunks"], 1)
-        result["drift"] = {t: sums["drift"][t] / chunks for t in TARGETS} if capture else dict.fromkeys(TARGETS, 0.0)
+        result["drift"] = {t: sums["drift"][t] / chunks for t in targets} if capture else dict.fromkeys(targets, 0.0)
         result["jsd"] = sums["jsd"] / sums["tokens"] if capture else 0.0
         result["nll"] = sums["nll"] / sums["tokens"]
         return result
