@@ -7,6 +7,7 @@ per session.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,10 @@ from e2e_support import PROBE_SITECUSTOMIZE
 from two_ranks import Run, run_two_ranks
 
 from vkd_shim.testing import launch as kit
+
+#: What the shell exported under VKD_* (a user's own settings, a run left half-configured): taken out of this
+#: process, and so out of every child it starts, before any test reads it. Each test sets what it checks.
+EXPORTED = {name: os.environ.pop(name) for name in [k for k in os.environ if k.startswith("VKD_")]}
 
 
 @pytest.fixture(scope="session")

@@ -163,3 +163,30 @@ def test_env_imports_only_the_stdlib():
     assert "vkd_shim" in loaded  # the check can see what the import loads
     outside_stdlib = [name for name in loaded if name != "vkd_shim" and name not in sys.stdlib_module_names]
     assert outside_stdlib == []
+
+
+#: A shell that carries every setting a user could export, each at a value that would change what tests see.
+EXPORTED = {
+    "VKD_ENABLE": "1",
+    "VKD_MODE": "monitor",
+    "VKD_WEIGHT": "7",
+    "VKD_TARGETS": "vit",
+    "VKD_DISTANCE": "cosine",
+    "VKD_CONFIG": "/nonexistent/vkd.yaml",
+    "VKD_LOG_FILE": "/dev/full",
+    "VKD_INLINE_CONFIG": '{"weight": 3}',
+}
+
+
+def test_the_suite_passes_with_vkd_variables_exported_in_the_shell():
+    """The suites that read VKD_* in process (config precedence and env overrides, the gate, the schema) run in
+    a child pytest whose shell exports every VKD_* variable: conftest takes them out before any test runs, and
+    so out of every child a test starts (the end-to-end helpers strip them too)."""
+    tests = Path(__file__).resolve().parent
+    files = ["test_config.py", "test_env.py", "test_schema.py"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files, "-k", "not exported_in_the_shell"],
+        cwd=tests, env={**os.environ, **EXPORTED}, capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert " passed" in proc.stdout.splitlines()[-1] and "failed" not in proc.stdout.splitlines()[-1]

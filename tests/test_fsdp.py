@@ -40,6 +40,7 @@ from e2e_support import (
 )
 from two_ranks import (
     ALIGNER,
+    COLLECTIVE_MISMATCH,
     DISTANCES,
     KD_KEYS,
     REL,
@@ -47,6 +48,7 @@ from two_ranks import (
     SHIPPED_CONFIGS,
     STEPS,
     Run,
+    UpstreamFailure,
     assert_same,
     assert_vision_kd_ran,
     numbers,
@@ -204,10 +206,12 @@ def test_switched_off_shim_under_fsdp2_is_the_plain_run_exactly(fsdp_plain, gkd_
     "(is_deepspeed_enabled()); under FSDP2 a text-only rank skips the tower, whose blocks are FSDP units, "
     "so the ranks issue different all-gathers: gloo 'Received data size doesn't match expected size', a hang "
     "on NCCL. tests/fsdp_cpu_harness takes the DeepSpeed path under FSDP too.",
+    raises=UpstreamFailure,
     strict=True,
 )
 def test_mixed_micro_batches_without_the_harness_workaround(ddp_plain, gkd_assets, swift_cache, tmp_path):
-    run = run_fsdp(gkd_assets, swift_cache, tmp_path / "out", harness_skip="mixed").trained()
+    run = run_fsdp(gkd_assets, swift_cache, tmp_path / "out", harness_skip="mixed")
+    run = run.unless_upstream(*COLLECTIVE_MISMATCH).trained()
     assert_same(run.train, ddp_plain.train, ("loss", "grad_norm"))
 
 

@@ -227,7 +227,7 @@ def _preflight(swift_args: Any) -> None:
         incompatible = swift_layouts.incompatible()
         if incompatible:
             _refuse(RefusedError(incompatible, "install ms-swift 4.4 or later, or unset VKD_ENABLE"))
-        for refusal in preflight.check(swift_args, resolved.config):
+        for refusal in preflight.check(swift_args, resolved.config, LAYOUT):
             _refuse(RefusedError(*refusal))
         importlib.import_module(LAYOUT.trainer_module)  # fires the trainer hook now, before loading
         PATCHER.raise_failures()

@@ -63,6 +63,9 @@ class SwiftLayout:
     #: Trainer attribute holding ``{mode: {key: MeanMetric}}``, all-reduced and logged by ms-swift's
     #: ``log()`` (``key`` in train rows, ``eval_key`` in eval rows).
     metrics_attr: str
+    #: Whether vision KD under FSDP2 (``--fsdp fsdp2``) is proven on this release (really sharded ranks against
+    #: DDP, tests/test_fsdp.py); elsewhere the preflight refuses it before loading.
+    fsdp2: bool = False
 
     @property
     def modules(self) -> tuple[str, ...]:
@@ -111,13 +114,19 @@ _POINTS_4X = MappingProxyType(
 )
 
 
-def _layout_4x(series: str, stack: str) -> SwiftLayout:
+def _layout_4x(series: str, stack: str, fsdp2: bool = False) -> SwiftLayout:
     return SwiftLayout(
-        series, stack, _POINTS_4X, config_flag=None, batch_key="model_inputs", metrics_attr="custom_metrics"
+        series,
+        stack,
+        _POINTS_4X,
+        config_flag=None,
+        batch_key="model_inputs",
+        metrics_attr="custom_metrics",
+        fsdp2=fsdp2,
     )
 
 
-SWIFT_4_6 = _layout_4x("4.6", "transformers 5.19, trl 0.29, peft 0.20, torch 2.14.1")
+SWIFT_4_6 = _layout_4x("4.6", "transformers 5.19, trl 0.29, peft 0.20, torch 2.14.1", fsdp2=True)
 # 4.5.3 (only .3) defaults dataloader_persistent_workers to True without 4.6's num_workers == 0 guard:
 # runs with --dataloader_num_workers 0 need --dataloader_persistent_workers false (ms-swift, not the shim).
 SWIFT_4_5 = _layout_4x("4.5", "transformers 5.16, trl 0.29, peft 0.20, torch 2.14.1")

@@ -143,3 +143,31 @@ def test_switched_off_and_weight_zero_train_identically(stack_assets, tmp_path_f
     (note,) = [e for e in events if e["event"] == "vkd.config.note"]
     assert "weight = 0" in note["note"]
     assert not [e for e in events if e["event"] == "vkd.attach"]
+
+
+def test_fsdp2_is_refused_before_loading_where_it_is_not_proven(stack_assets, tmp_path_factory, tmp_path):
+    """FSDP2 under vision KD is proven on ms-swift 4.6 only (tests/test_fsdp.py, really sharded ranks against
+    DDP). On this release a launch that asks for it stops in the preflight, before any model loads, with the
+    reason and the fix; the doctor says the same first. (One process: the refusal reads the arguments.)"""
+    assert not LAYOUT.fsdp2
+    out, events_file = tmp_path / "out", tmp_path / "events.jsonl"
+    # A config file, as users write one (3.12.6's wheel lacks the `fsdp2` preset's JSON: plain ms-swift fails there).
+    fsdp = tmp_path / "fsdp2.json"
+    fsdp.write_text(json.dumps({"fsdp": "full_shard auto_wrap", "fsdp_config": {"fsdp_version": 2}}), encoding="utf-8")
+    argv = kit.gkd_command(stack_assets, out, *THREE_STEPS, "--fsdp", str(fsdp))
+    env = swift_env(tmp_path_factory.mktemp("cache"))
+    verdict = subprocess.run(
+        [str(a) for a in [VKD_RUN, VKD_RUN.with_name("vkd-shim"), "doctor", "--", *argv]],
+        env=env, capture_output=True, text=True, timeout=TRAIN_TIMEOUT_S, check=False,
+    )  # fmt: skip
+    assert verdict.returncode == 1 and f"installed {LAYOUT.series}.x" in verdict.stdout, verdict.stdout[-3000:]
+    proc = subprocess.run(
+        [str(a) for a in [VKD_RUN, "--log-file", events_file, *argv]],
+        env=env, capture_output=True, text=True, timeout=TRAIN_TIMEOUT_S, check=False,
+    )  # fmt: skip
+    assert proc.returncode != 0, proc.stderr[-3000:]
+    events = read_events(events_file)
+    (refusal,) = [e for e in events if e["event"] == "vkd.refuse"]
+    assert "FSDP2 under vision KD is proven on ms-swift 4.6.x only" in refusal["reason"], refusal
+    assert f"use DeepSpeed ZeRO-2/3 or DDP on ms-swift {LAYOUT.series}" in refusal["fix"], refusal
+    assert not [e for e in events if e["event"] == "vkd.attach"] and not list(out.glob("v*/vision_kd_config.json"))
