@@ -194,16 +194,19 @@ import json, os, sys
 import torch
 from transformers import TrainingArguments
 
-for flags in ({}, {"ddp_backend": "gloo"}, {"use_cpu": True, "ddp_backend": "gloo"}):
-    args = TrainingArguments(output_dir=sys.argv[1], report_to=[], **flags)
-    print("PROBE" + json.dumps({
-        "flags": flags,
-        "rank": int(os.environ["RANK"]),
-        "distributed_type": str(args.distributed_state.distributed_type),
-        "parallel_mode": str(args.parallel_mode),
-        "world_size": args.world_size,
-        "process_index": args.process_index,
-    }), flush=True)
+# One file per rank: ranks that share a pipe interleave their lines (two records on one line, seen in CI).
+rank = int(os.environ["RANK"])
+with open(os.path.join(sys.argv[2], f"probe-rank{rank}.jsonl"), "w", encoding="utf-8") as sink:
+    for flags in ({}, {"ddp_backend": "gloo"}, {"use_cpu": True, "ddp_backend": "gloo"}):
+        args = TrainingArguments(output_dir=sys.argv[1], report_to=[], **flags)
+        sink.write(json.dumps({
+            "flags": flags,
+            "rank": rank,
+            "distributed_type": str(args.distributed_state.distributed_type),
+            "parallel_mode": str(args.parallel_mode),
+            "world_size": args.world_size,
+            "process_index": args.process_index,
+        }) + "\\n")
 """
 
 
@@ -220,10 +223,10 @@ def test_cpu_processes_form_one_ddp_job_only_with_use_cpu(tmp_path):
     probe.write_text(DDP_PROBE, encoding="utf-8")
     env = kit.gkd_env()
     argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    argv += ["--master_port", str(free_port()), str(probe), str(tmp_path / "out")]
+    argv += ["--master_port", str(free_port()), str(probe), str(tmp_path / "out"), str(tmp_path)]
     proc = launch(argv, env, timeout=FAIL_FAST_TIMEOUT_S)
     assert proc.returncode == 0, report(proc)
-    lines = [json.loads(x[len("PROBE") :]) for x in proc.stdout.splitlines() if x.startswith("PROBE")]
+    lines = [json.loads(x) for rank in (0, 1) for x in (tmp_path / f"probe-rank{rank}.jsonl").read_text().splitlines()]
     by_case = {}
     for line in lines:
         by_case.setdefault(json.dumps(line.pop("flags"), sort_keys=True), []).append(line)
