@@ -40,6 +40,7 @@ from e2e_support import (
     without,
     write_config,
 )
+from two_ranks import KD_KEYS, assert_same, assert_vision_kd_ran, run_two_ranks
 
 from vkd_shim.testing import launch as kit
 
@@ -168,6 +169,21 @@ def test_a_broken_dependency_stops_the_run_in_the_first_process(
     assert last.startswith("vkd_shim.errors.PatchError: vision KD was asked for (VKD_ENABLE)"), report(proc)
     assert f"importing {module} failed" in last and f"pip install --force-reinstall {dist}" in last, last
     assert not (tmp_path / "out").exists()
+
+
+def test_the_switch_alone_activates_every_ddp_rank_from_the_wheel(
+    wheel_venv, gkd_assets, swift_cache, ddp_vkd, tmp_path
+):
+    """`VKD_ENABLE=1 NPROC_PER_NODE=2 swift rlhf ...` from the wheel, no vkd-run and no PYTHONPATH of ours: swift's
+    re-exec and both torchrun workers activate through the wheel's vkd_shim.pth, and the run equals the
+    2-rank run launched through vkd-run with the same configs, step for step and target for target."""
+    configs = in_venv(wheel_venv, "from vkd_shim import examples; print(examples.stage3_value())")
+    env = {"VKD_ENABLE": "1", "VKD_CONFIG": configs, "VKD_LOG_FILE": str(tmp_path / "events.jsonl")}
+    run = run_two_ranks(gkd_assets, swift_cache, tmp_path / "out", env=env, swift=wheel_venv / "bin" / "swift")
+    assert_vision_kd_ran(run.trained())
+    assert_same(run.train, ddp_vkd.train, ("loss", "grad_norm", *KD_KEYS))
+    (config,) = {tuple(e["files"]) for e in run.named("vkd.config")}
+    assert all(path.startswith(str(wheel_venv)) for path in config), config  # the wheel's copies
 
 
 def test_the_demo_runs_from_the_wheel_outside_the_checkout(wheel_venv, tmp_path):
