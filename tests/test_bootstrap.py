@@ -2,9 +2,11 @@
 
 import json
 import os
+import py_compile
 import subprocess
 import sys
 import textwrap
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -308,3 +310,36 @@ def test_a_broken_install_stops_ms_swift_loudly_and_leaves_other_processes_alone
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("vkd_shim.errors.PatchError: vision KD was asked for") and "wrapt is broken" in last
+
+
+@pytest.mark.parametrize("form", ["module", "package", "bytecode only", "in a zip"])
+def test_switch_off_still_finds_every_form_of_the_users_sitecustomize(form, tmp_path):
+    """With the switch unset, the bootstrap looks for a user sitecustomize by stat calls alone (its start-up
+    budget), and must still chain to each form Python itself would import: a module, a package, a sourceless
+    .pyc, and one inside a zip on sys.path (which only the import system can look into). Nothing else loads."""
+    code = "print('USER SITE')\n"
+    entry = tmp_path / "user_site"
+    entry.mkdir()
+    if form == "module":
+        (entry / "sitecustomize.py").write_text(code)
+    elif form == "package":
+        (entry / "sitecustomize").mkdir()
+        (entry / "sitecustomize" / "__init__.py").write_text(code)
+    elif form == "bytecode only":
+        (entry / "source.py").write_text(code)
+        py_compile.compile(str(entry / "source.py"), cfile=str(entry / "sitecustomize.pyc"), doraise=True)
+        (entry / "source.py").unlink()
+    else:
+        entry = tmp_path / "user_site.zip"
+        with zipfile.ZipFile(entry, "w") as archive:
+            archive.writestr("sitecustomize.py", code)
+    proc = run_py(LOADED, env=child_env([BOOTSTRAP_DIR, entry]))
+    loaded, _ = report(proc)
+    assert "USER SITE" in proc.stdout, proc.stdout
+    assert set(m for m in loaded if m.startswith("vkd_shim")) == {"vkd_shim", "vkd_shim.bootstrap"}  # to chain
+
+
+def test_switch_off_without_a_user_sitecustomize_imports_nothing(tmp_path):
+    proc = run_py(LOADED, env=child_env([BOOTSTRAP_DIR, tmp_path]))
+    loaded, site_file = report(proc)
+    assert not [m for m in loaded if m.startswith("vkd_shim")] and Path(site_file).parent == Path(BOOTSTRAP_DIR)

@@ -67,14 +67,16 @@ def main() -> int:
         site = root / "site"
         pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(REPO)]
         subprocess.run(pip, check=True, capture_output=True)
-        trivial, example = root / "trivial", root / "example"
-        trivial.mkdir()
-        (trivial / "sitecustomize.py").write_text("import os\n")
+        trivial, control, example = root / "trivial", root / "control", root / "example"
+        for directory in (trivial, control):  # the control is the floor again: what the method can resolve
+            directory.mkdir()
+            (directory / "sitecustomize.py").write_text("import os\n")
         shutil.copytree(REPO / "sitecustomize_example", example)
         bootstrap = site / "vkd_shim" / "bootstrap"
         on = {"VKD_ENABLE": "1"}
         variants = {
             "trivial sitecustomize (floor)": (python, trivial, {}),
+            "A/A control: the same trivial sitecustomize, another copy": (python, control, {}),
             "wheel's vkd_shim.pth, switch unset": (wheel_python, None, {}),
             "wheel's vkd_shim.pth, VKD_ENABLE=1": (wheel_python, None, on),
             "vkd-run bootstrap (chains to the user's), switch unset": (python, bootstrap, {}),
@@ -125,6 +127,8 @@ def main() -> int:
             *rows,
             "",
             f"For scale: `python -S -c pass` (no `site` at all) took {statistics.median(bare) * 1e3:.2f} ms.",
+            "The A/A control row is the floor measured again as if it were a variant: its distance from 1.000 and"
+            " its interval are what this method can resolve on this machine.",
             "Goals: ratio ≤ 1.03 against the trivial one-line sitecustomize with the switch unset; with"
             " `VKD_ENABLE=1` exported, only the stdlib-only bootstrap and a finder waiting for `import swift`"
             " (wrapt, the layouts and `importlib.metadata` load when ms-swift does).",
