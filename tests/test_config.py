@@ -61,6 +61,7 @@ def test_no_sources_gives_defaults():
         "enabled": True,
         "mode": "anchor",
         "weight": 1.0,
+        "share": None,
         "targets": {"merger": 1.0, "deepstack": 1.0},
         "deepstack_layers": None,
         "distance": "mse",
@@ -176,6 +177,7 @@ def test_every_field_at_once_and_sources(tmp_path):
         enabled: true
         mode: monitor
         weight: 0.5
+        share: 0.25
         targets: {merger: 1.5, deepstack: 0.25}
         deepstack_layers: [2, 0]
         distance: cosine
@@ -191,6 +193,7 @@ def test_every_field_at_once_and_sources(tmp_path):
         enabled=True,
         mode="monitor",
         weight=0.5,
+        share=0.25,
         targets=(("merger", 1.5), ("deepstack", 0.25)),
         deepstack_layers=(0, 2),
         distance="cosine",
@@ -467,7 +470,7 @@ def test_unknown_key_suggests_the_close_match_and_lists_keys(tmp_path, key, sugg
     assert path in message
     assert f"did you mean '{suggestion}'?" in message
     assert message.endswith(
-        "allowed keys: enabled, mode, weight, targets, deepstack_layers, distance, warmup_steps, nonfinite,"
+        "allowed keys: enabled, mode, weight, share, targets, deepstack_layers, distance, warmup_steps, nonfinite,"
         " teacher_nonfinite, no_visual, no_visual_steps"
     )
 
@@ -688,6 +691,7 @@ def test_stage_overlay_merges_fields_and_replaces_selections(tmp_path):
         "enabled": "default",
         "mode": "default",
         "weight": stage,
+        "share": "default",
         "targets": stage,
         "deepstack_layers": stage,
         "distance": base,
@@ -1008,6 +1012,7 @@ def test_to_event_is_json_ready(tmp_path):
             "enabled": "default",
             "mode": "default",
             "weight": path,
+            "share": "default",
             "targets": "default",
             "deepstack_layers": "default",
             "distance": "env:VKD_DISTANCE",
@@ -1112,3 +1117,58 @@ def test_import_is_cheap_and_yaml_loads_only_for_files(tmp_path):
     )
     # The last flag proves the check can fail: yaml is importable and does load once a file is read.
     assert json.loads(out.stdout) == [[], [], True]
+
+
+# --- share: the term as a fraction of the GKD part ---------------------------------------------------------
+
+
+def test_a_share_replaces_the_weight_and_says_so(tmp_path):
+    path = block_file(tmp_path, "weight: 0.1\nshare: 0.1")
+    resolved = resolve(environ={ENV_CONFIG: path})
+    assert resolved.config.share == 0.1 and resolved.config.active
+    assert resolved.notes == (
+        f"weight = 0.1 ({path}) is not used: share = 0.1 ({path}) holds the term at 10% of the GKD part",
+    )
+    # weight 0 turns a plain term off, not a share; enabled: false turns both off.
+    assert resolve(environ={"VKD_SHARE": "0.01", "VKD_WEIGHT": "0"}).config.active
+    assert not resolve(
+        environ={ENV_CONFIG: block_file(tmp_path, "enabled: false\nshare: 0.1", name="off.yaml")}
+    ).config.active
+    assert resolve(environ={"VKD_SHARE": "2"}).notes == (
+        "share = 2 (env:VKD_SHARE): the term is larger than the GKD part",
+    )
+    assert resolve(environ={"VKD_SHARE": "0.1", "VKD_MODE": "monitor"}).notes == ()  # monitoring adds nothing
+
+
+def test_the_share_env_override_wins_and_none_clears_a_files_share(tmp_path):
+    path = block_file(tmp_path, "share: 0.5")
+    assert resolve(environ={ENV_CONFIG: path}).sources["share"] == path
+    overridden = resolve(environ={ENV_CONFIG: path, "VKD_SHARE": "0.01"})
+    assert overridden.config.share == 0.01 and overridden.sources["share"] == "env:VKD_SHARE"
+    cleared = resolve(environ={ENV_CONFIG: path, "VKD_SHARE": "none"})
+    assert cleared.config.share is None and cleared.sources["share"] == "env:VKD_SHARE"
+    assert resolve(environ={ENV_CONFIG: path, "VKD_SHARE": " "}).config.share == 0.5  # empty: unset
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("0", "Expected `float` > 0.0"),
+        ("-0.1", "> 0.0"),
+        (".nan", "it must be finite"),
+        ("11", "<= 10.0"),
+        ("'ten'", "Expected `float | null`"),
+    ],
+)
+def test_a_share_out_of_range_names_the_field_the_file_and_the_allowed_values(value, problem, tmp_path):
+    path = block_file(tmp_path, f"share: {value}")
+    with pytest.raises(ConfigError) as caught:
+        resolve(environ={ENV_CONFIG: path})
+    message = str(caught.value)
+    assert "custom.visual_kd.share" in message and path in message and problem in message, message
+    assert caught.value.allowed.startswith("null, or a number above 0 and up to 10"), caught.value.allowed
+
+
+def test_a_share_env_value_that_is_not_a_number_names_the_variable():
+    with pytest.raises(ConfigError, match=r"env:VKD_SHARE: VKD_SHARE = 'ten percent': not a number"):
+        resolve(environ={"VKD_SHARE": "ten percent"})

@@ -43,6 +43,7 @@ ALLOWED: dict[str, set[str]] = {
         "errors",
         "swift_layouts",
         "metrics",
+        "schema",
     },
     "metrics": set(),
     "patches": {"wrapt", "__init__", "config", "env", "preflight", "swift_layouts", "telemetry", "errors", "runtime"},

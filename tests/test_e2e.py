@@ -398,7 +398,7 @@ def test_switched_off_and_monitored_paths_train_bit_for_bit_like_plain_swift(gkd
                 monitor_events,
                 *kit.gkd_command(gkd_assets, outs[3], *extra),
             ],
-            swift_env(swift_cache, VKD_MODE="monitor"),
+            swift_env(swift_cache, VKD_MODE="monitor", VKD_SHARE="0.1"),  # a share asked for changes nothing here
         ),
         (
             [VKD_RUN, "--config", strict, "--log-file", poisoned_events, *kit.gkd_command(gkd_assets, outs[4], *extra)],
@@ -450,6 +450,33 @@ def test_switched_off_and_monitored_paths_train_bit_for_bit_like_plain_swift(gkd
     (summary,) = named(events, "vkd.summary")
     assert summary["nonfinite_rows"] == {"train/teacher/merger": len(visual), "train/student/deepstack_0": len(visual)}
     assert not named(events, "vkd.monitor_error") and not named(events, "vkd.refuse")
+
+
+def test_a_share_holds_the_term_at_that_fraction_of_the_gkd_part(gkd_assets, swift_cache, tmp_path):
+    """`VKD_SHARE=0.1` on the shipped configs (weight 0.1, unused now; merger 1 + deepstack 0.5; a 2-step
+    warm-up), default on-policy lmbda: on every visual step after the warm-up the logged term is 10 % of the
+    GKD part (`loss` - `vision_kd_loss`), half that on the warm-up's middle step and 0 on its first; the
+    logged `vision_kd/scale` times the weighted distances is the term. Tolerance: 1e-5 relative, the
+    8-decimal rounding of logging.jsonl. The doctor states the share."""
+    out, events = tmp_path / "out", tmp_path / "events.jsonl"
+    argv = kit.gkd_command(gkd_assets, out, "--max_steps", "5", "--eval_strategy", "no", "--save_strategy", "no")
+    env = swift_env(swift_cache, VKD_SHARE="0.1", VKD_CONFIG=os.pathsep.join(map(str, SHIPPED_CONFIGS)))
+    verdict = launch([VKD_SHIM, "doctor", "--", *argv], env, FAIL_FAST_TIMEOUT_S)
+    assert verdict.returncode == 0 and "share: 0.1  <- env:VKD_SHARE" in verdict.stdout, verdict.stdout
+    assert "SHARE: the term is held at 10% of the GKD part" in verdict.stdout, verdict.stdout
+    trained(launch([VKD_RUN, "--log-file", events, *argv], env))
+
+    rows = {s: r for s, r in train_rows(kit.read_logging_jsonl(out)).items() if r.get("vision_kd/tokens", 0) > 0}
+    assert set(rows) >= {1, 3}, rows  # the kit's seed puts images into these steps
+    for step, row in rows.items():
+        warmup = min(1.0, (step - 1) / 2)
+        gkd = row["loss"] - row["vision_kd_loss"]
+        assert row["vision_kd_loss"] == pytest.approx(0.1 * warmup * gkd, rel=1e-5, abs=1e-8), (step, row)
+        weighted = row["vision_kd/merger"] + 0.5 * (row["vision_kd/deepstack_0"] + row["vision_kd/deepstack_1"])
+        assert row["vision_kd/scale"] * weighted == pytest.approx(row["vision_kd_loss"], rel=1e-5, abs=1e-8)
+    assert any(row["vision_kd_loss"] > 0 for row in rows.values())
+    (config,) = named(read_jsonl(events), "vkd.config")
+    assert config["config"]["share"] == 0.1 and config["sources"]["share"] == "env:VKD_SHARE"
 
 
 def test_monitoring_a_run_without_visual_tokens_trains_like_plain_and_exits_0(gkd_assets, swift_cache, tmp_path):

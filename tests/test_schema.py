@@ -104,6 +104,7 @@ def test_schema_describes_every_field_once_in_declaration_order():
         "enabled",
         "mode",
         "weight",
+        "share",
         "targets",
         "deepstack_layers",
         "distance",

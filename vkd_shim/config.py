@@ -23,6 +23,7 @@ from vkd_shim import env
 from vkd_shim.schema import (
     BLOCK,
     BLOCK_PATH,
+    SHARE_TEXT,
     WEIGHT_TEXT,
     VisualKDConfig,
     closest,
@@ -186,8 +187,18 @@ def _env_targets(raw: str) -> dict[str, float]:
     return pairs
 
 
+def _env_share(raw: str) -> float | None:
+    if raw.lower() in ("none", "null"):
+        return None
+    try:
+        return float(raw)
+    except ValueError:
+        raise fail(env.SHARE, f"env:{env.SHARE}", "not a number", value=raw, allowed=SHARE_TEXT) from None
+
+
 _ENV_OVERRIDES = (
     (env.WEIGHT, "weight", functools.partial(_env_number, env.WEIGHT)),
+    (env.SHARE, "share", _env_share),
     (env.TARGETS, "targets", _env_targets),
     (env.DISTANCE, "distance", str),
     (env.MODE, "mode", str),
@@ -226,6 +237,14 @@ def _notes(config: VisualKDConfig, sources: Mapping[str, str]) -> tuple[str, ...
     notes = []
     if not config.enabled:
         notes.append(f"enabled = false ({sources['enabled']}): the vision-KD term is off for this run")
+    elif config.share is not None and not config.monitor:
+        if sources["weight"] != "default":
+            notes.append(
+                f"weight = {config.weight:g} ({sources['weight']}) is not used: share = {config.share:g}"
+                f" ({sources['share']}) holds the term at {config.share:.0%} of the GKD part"
+            )
+        if config.share > 1:
+            notes.append(f"share = {config.share:g} ({sources['share']}): the term is larger than the GKD part")
     elif config.weight == 0 and not config.monitor:
         notes.append(f"weight = 0 ({sources['weight']}) while enabled: the term is off")
     elif not config.monitor and all(weight == 0 for _, weight in config.targets):
@@ -258,8 +277,8 @@ def resolve(
        None, what the CLI process left in ``VKD_INLINE_CONFIG``);
     3. each file of ``VKD_CONFIG`` (``os.pathsep``-separated, empty entries ignored), in order, so a
        stage overlay listed after its base wins;
-    4. the env overrides ``VKD_WEIGHT``, ``VKD_TARGETS``, ``VKD_DISTANCE``,
-       ``VKD_MODE`` (empty means unset).
+    4. the env overrides ``VKD_WEIGHT``, ``VKD_SHARE``, ``VKD_TARGETS``, ``VKD_DISTANCE``,
+       ``VKD_MODE`` (empty means unset; ``VKD_SHARE=none`` clears a file's share).
 
     Sources merge field by field; ``targets`` and ``deepstack_layers`` are selections, so a later
     source replaces them whole. Each source is validated as it is read, so an error names the source

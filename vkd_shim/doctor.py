@@ -227,6 +227,11 @@ def _launch(report: _Report, launch: list[str], layout: Any) -> None:
             "MONITOR: the run measures each target's distance and relative drift from the teacher"
             " (vision_kd/<target>, vision_kd/drift/<target>) and adds nothing to the loss"
         )
+    elif resolved.config.share is not None:
+        report.line(
+            f"SHARE: the term is held at {resolved.config.share:.0%} of the GKD part of the loss by a scale recomputed"
+            " every step from detached values (logged as vision_kd/scale); weight is not used"
+        )
     if args is None:
         return
     for name in ("rlhf_type", "tuner_type", "freeze_vit", "freeze_aligner", "teacher_model", "teacher_deepspeed"):
@@ -253,7 +258,7 @@ def _trainable_by_name(report: _Report, args: Any, config: Any, chosen: dict[str
     import torch
     import transformers
 
-    from vkd_shim import capture, preflight, runtime
+    from vkd_shim import capture, preflight, swift_layouts
 
     shown = ", ".join(f"{name}={value!r}" for name, value in chosen.items())
     path = getattr(args, "model_dir", None) or getattr(args, "model", None)
@@ -263,7 +268,7 @@ def _trainable_by_name(report: _Report, args: Any, config: Any, chosen: dict[str
         model.model_meta = getattr(args, "model_meta", None)
         _set_trainable_as_ms_swift(model, args)
         layers, _, _ = preflight.deepstack_plan(config, preflight.model_documents(args))
-        aligner = runtime.aligner_paths(model)
+        aligner = swift_layouts.aligner_paths(model)
         targets = capture.resolve_targets(model, config.kinds, layers, aligner)
         frozen = capture.frozen_targets(model, targets, aligner)
     except Exception as exc:

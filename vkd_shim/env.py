@@ -22,6 +22,8 @@ ENABLE = "VKD_ENABLE"
 #: Config files, ``os.pathsep``-separated, later files overriding earlier ones.
 CONFIG = "VKD_CONFIG"
 WEIGHT = "VKD_WEIGHT"
+#: The term as a fraction of the GKD part of the loss (``custom.visual_kd.share``); ``none`` clears a file's.
+SHARE = "VKD_SHARE"
 TARGETS = "VKD_TARGETS"
 DISTANCE = "VKD_DISTANCE"
 #: ``monitor`` on an existing launch: measure the aligner's drift from the teacher, change nothing.

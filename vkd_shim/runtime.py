@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from vkd_shim import preflight, telemetry
+from vkd_shim import preflight, swift_layouts, telemetry
 from vkd_shim.capture import STUDENT, TEACHER, VIT, FeatureCapture, frozen_targets, resolve_targets, unwrap
 from vkd_shim.config import ResolvedConfig
 from vkd_shim.errors import (
@@ -30,10 +30,13 @@ from vkd_shim.errors import (
 )
 from vkd_shim.loss import RELATION_DISTANCES, vision_kd_loss
 from vkd_shim.metrics import MetricBuffer, Tally
+from vkd_shim.schema import MAX_WEIGHT
 from vkd_shim.swift_layouts import SwiftLayout
 
 CONFIG_FILE_NAME = "vision_kd_config.json"
 METRIC_LOSS = "vision_kd_loss"
+#: ``vision_kd/scale``: with ``share``, the scale applied to the distance this step (logged beside the term).
+METRIC_SCALE = "vision_kd/scale"
 #: ``vision_kd/drift/<target>``: ||f_s - f_t||^2 / ||f_t||^2, logged in both modes, beside the distance.
 DRIFT_PREFIX = "vision_kd/drift/"
 VISUAL_INPUT_KEYS = ("pixel_values", "pixel_values_videos")
@@ -75,7 +78,7 @@ class TrainerKD:
             raise RefusedError(*(preflight.REMOTE_TEACHER if teacher is None else preflight.NO_TEACHER))
         if self_distill:
             teacher = student  # ms-swift's teacher: the same model with its adapters disabled
-        kinds, aligner = self.config.kinds, aligner_paths(student)
+        kinds, aligner = self.config.kinds, swift_layouts.aligner_paths(student)
         configs = {role: getattr(unwrap(m), "config", None) for role, m in ((STUDENT, student), (TEACHER, teacher))}
         documents = {role: c.to_dict() for role, c in configs.items() if hasattr(c, "to_dict")}
         layers, left_out, refusal = preflight.deepstack_plan(self.config, documents)
@@ -96,6 +99,7 @@ class TrainerKD:
         self.peft_student = student if hasattr(student, "disable_adapter") else None
         self.keys = (
             *(() if self.config.monitor else (METRIC_LOSS,)),
+            *((METRIC_SCALE,) if self.config.share is not None and not self.config.monitor else ()),
             *(f"vision_kd/{t.name}" for t in modules),
             *(f"{DRIFT_PREFIX}{t.name}" for t in modules),
             "vision_kd/tokens",
@@ -147,13 +151,37 @@ class TrainerKD:
             term = None
             with self._unless_monitoring(mode, step, "measuring"):
                 term = self._term(mode, step, self._segments(model_inputs))
-        if term is None or mode == "eval" or self.config.monitor:
-            # eval_loss stays ms-swift's own, so best-checkpoint selection compares across runs; the
-            # term is reported beside it as eval_vision_kd_loss. A monitored run only measures.
+        loss = result[0] if isinstance(result, tuple) else result
+        if term is None or self.config.monitor:
+            return result  # a monitored run only measures
+        if self.config.share is not None:
+            term = self._held_at_share(mode, step, term, loss)
+        self.buffer.add(mode, METRIC_LOSS, term.detach())
+        if mode == "eval":
+            # eval_loss stays ms-swift's own, so best-checkpoint selection compares across runs; the term is
+            # reported beside it as eval_vision_kd_loss.
             return result
         if isinstance(result, tuple):
-            return (result[0] + term, *result[1:])
-        return result + term
+            return (loss + term, *result[1:])
+        return loss + term
+
+    def _fixed_scale(self, step: int) -> float:
+        """weight x warm-up; 1 with a share, which scales the raw distance itself (:meth:`_held_at_share`)."""
+        return 1.0 if self.config.share is not None else self.config.weight * self.config.warmup_factor(step)
+
+    def _held_at_share(self, mode: str, step: int, term: Any, gkd: Any) -> Any:
+        """``custom.visual_kd.share``: the term times a scale that makes it ``share`` x the GKD part of this
+        micro-batch's loss (times the warm-up factor), recomputed every step from detached values, as
+        ModelOpt's loss balancer does. Only the distance's gradient flows; the scale is a number, capped at the
+        weight's own ceiling (a student still next to the teacher would otherwise get a gradient that grows as
+        the distance shrinks, and clipping would scale the whole model's gradient down). A zero or non-finite
+        distance or GKD part gives scale 0."""
+        raw, gkd = term.detach().float(), gkd.detach().float()
+        ratio = self.config.share * self.config.warmup_factor(step) * gkd / raw
+        usable = (raw > 0) & (gkd > 0) & torch.isfinite(ratio)
+        scale = torch.where(usable, ratio.clamp(max=MAX_WEIGHT), torch.zeros_like(ratio))
+        self.buffer.add(mode, METRIC_SCALE, scale)
+        return term * scale.to(term.dtype)
 
     @contextlib.contextmanager
     def _roles(self):
@@ -233,7 +261,10 @@ class TrainerKD:
                     teacher,
                     weights=self.weights,
                     distance=self.config.distance,
-                    scale=self.config.weight * self.config.warmup_factor(step),
+                    # A share sets its own scale from the raw distance (see _held_at_share).
+                    scale=1.0
+                    if self.config.share is not None
+                    else self.config.weight * self.config.warmup_factor(step),
                     segments=segments,
                 )
         except FeatureMismatchError as exc:
@@ -247,8 +278,6 @@ class TrainerKD:
             )
             return None
         add = self.buffer.add
-        if not self.config.monitor:
-            add(mode, METRIC_LOSS, out.total.detach())
         for target, value in out.per_target.items():
             add(mode, f"vision_kd/{target.name}", value.detach())
         for target, value in out.drift.items():
@@ -368,12 +397,3 @@ def _run_end_callback(kd: TrainerKD) -> Any:
             kd.end_of_training()
 
     return VisionKDRunEnd()
-
-
-def aligner_paths(model: Any) -> list[str] | None:
-    """ms-swift's own declaration of the architecture's aligner (swift/model/model_arch.py)."""
-    arch = getattr(getattr(model, "model_meta", None), "model_arch", None)
-    aligner = getattr(arch, "aligner", None)
-    if not aligner:
-        return None
-    return [aligner] if isinstance(aligner, str) else list(aligner)

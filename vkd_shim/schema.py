@@ -25,11 +25,13 @@ KINDS = ("merger", "deepstack", "vit")
 DEFAULT_KINDS = ("merger", "deepstack")
 DISTANCES = ("mse", "cosine", "nmse", "relation")
 MODES = ("anchor", "monitor")
-#: Why a ceiling: the term's gradient scales with the weight and ms-swift's grad norm squares it, so
-#: 1e38 already gives an infinite grad_norm in fp32 (and every update is dropped while the run
-#: exits 0). 1e4 is four orders of magnitude above any weight that still regularizes (0.01-10) and
-#: keeps squared norms over 20 orders of magnitude from fp32/bf16 overflow.
+#: Why a ceiling: the term's gradient scales with the weight and ms-swift's grad norm squares it, so 1e38 already
+#: gives an infinite grad_norm in fp32 (every update dropped while the run exits 0). 1e4 is four orders of magnitude
+#: above any weight that still regularizes (0.01-10), with squared norms 20 orders of magnitude from overflow.
 MAX_WEIGHT = 1e4
+
+MAX_SHARE = 10.0  # a term 10x the GKD loss it regularizes is far past any use; bounds the scale as MAX_WEIGHT does
+SHARE_TEXT = f"null, or a number above 0 and up to {MAX_SHARE:g} (a fraction: 0.1 is 10 % of the GKD part)"
 
 Kind = Literal["merger", "deepstack", "vit"]
 Weight = Annotated[float, msgspec.Meta(ge=0, le=MAX_WEIGHT)]
@@ -71,14 +73,16 @@ class VisualKDConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         ),
     ] = "anchor"
     weight: Annotated[
-        float,
-        msgspec.Meta(
-            ge=0,
-            le=MAX_WEIGHT,
-            description="Multiplier of the vision-KD loss added to the GKD loss; 0 turns the term off.",
-            extra={"allowed": WEIGHT_TEXT},
-        ),
+        Weight, _doc("Multiplier of the vision-KD loss added to the GKD loss; 0 turns the term off.", WEIGHT_TEXT)
     ] = 1.0
+    share: Annotated[
+        Annotated[float, msgspec.Meta(gt=0, le=MAX_SHARE)] | None,
+        _doc(
+            "Holds the term at this fraction of the GKD part of the loss (0.1: 10 %) by a scale recomputed every"
+            " step from detached values, so it needs no knowledge of the features' scale; weight is then unused.",
+            SHARE_TEXT,
+        ),
+    ] = None
     targets: Annotated[
         Kind | list[Kind] | dict[Kind, Weight],
         _doc(
@@ -136,12 +140,8 @@ class VisualKDConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         ),
     ] = "raise"
     no_visual_steps: Annotated[
-        int,
-        msgspec.Meta(
-            ge=1,
-            description="Length of the text-only stretch (optimizer steps) after which no_visual acts.",
-            extra={"allowed": "an int >= 1"},
-        ),
+        Annotated[int, msgspec.Meta(ge=1)],
+        _doc("Length of the text-only stretch (optimizer steps) after which no_visual acts.", "an int >= 1"),
     ] = 50
 
     def __post_init__(self) -> None:
@@ -151,7 +151,7 @@ class VisualKDConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     @property
     def active(self) -> bool:
         """The shim attaches: it anchors with a positive weight, or it monitors."""
-        return self.enabled and (self.monitor or self.weight > 0)
+        return self.enabled and (self.monitor or self.share is not None or self.weight > 0)
 
     @property
     def monitor(self) -> bool:
@@ -167,9 +167,7 @@ class VisualKDConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     def warmup_factor(self, global_step: int) -> float:
         """Linear ramp of the weight by optimizer step: 0.0 at step 0, 1.0 from ``warmup_steps`` on."""
-        if self.warmup_steps == 0:
-            return 1.0
-        return min(1.0, max(0.0, global_step / self.warmup_steps))
+        return min(1.0, max(0.0, global_step / self.warmup_steps)) if self.warmup_steps else 1.0
 
     def to_dict(self) -> dict[str, Any]:
         """The block in the shape a user writes, so it can be dumped to YAML/JSON and read back."""

@@ -278,3 +278,12 @@ def version_problem(version: str | None = None) -> str | None:
     if not any(layout.matches(version) for layout in LAYOUTS):
         return f"ms-swift {version} is outside the supported matrix ({supported_text()})"
     return None
+
+
+def aligner_paths(model: Any) -> list[str] | None:
+    """ms-swift's own declaration of the architecture's aligner (swift/model/model_arch.py)."""
+    arch = getattr(getattr(model, "model_meta", None), "model_arch", None)
+    aligner = getattr(arch, "aligner", None)
+    if not aligner:
+        return None
+    return [aligner] if isinstance(aligner, str) else list(aligner)
