@@ -217,17 +217,7 @@ class TrainerKD:
             yield
         except Exception as exc:
             reason = f"{what}: {type(exc).__name__}: {exc}"
-            self.tally.skipped[reason[:80]] += 1
-            allowed, suppressed = self.limiter.allow(f"monitor_error:{reason[:60]}")
-            if allowed:
-                self.log.error(
-                    "vkd.monitor_error",
-                    mode=mode,
-                    step=step,
-                    reason=reason,
-                    suppressed=suppressed,
-                    decision=MONITOR_GOES_ON,
-                )
+            self._count_and_report("vkd.monitor_error", "error", mode, step, reason, decision=MONITOR_GOES_ON)
 
     def _segments(self, model_inputs: Mapping[str, Any]) -> dict[Any, list[int]] | None:
         """Tokens per image, then per video, for each target (``relation`` compares within each one).
@@ -298,10 +288,15 @@ class TrainerKD:
 
     def _skip(self, mode: str, step: int, reason: str, **fields: Any) -> None:
         self.buffer.add(mode, "vision_kd/skipped", 1)
+        self._count_and_report("vkd.skip", "warning", mode, step, reason, **fields)
+
+    def _count_and_report(self, event: str, level: str, mode: str, step: int, reason: str, **fields: Any) -> None:
+        """Count the reason for the summary; say it at most once per rate-limit window (a per-step problem
+        would otherwise flood the log pipeline), with how many were left unsaid."""
         self.tally.skipped[reason[:80]] += 1
-        allowed, suppressed = self.limiter.allow(f"skip:{reason[:60]}")
+        allowed, suppressed = self.limiter.allow(f"{event}:{reason[:60]}")
         if allowed:
-            self.log.warning("vkd.skip", mode=mode, step=step, reason=reason, suppressed=suppressed, **fields)
+            self.log.event(event, level, mode=mode, step=step, reason=reason, suppressed=suppressed, **fields)
 
     def _text_only(self, step: int) -> None:
         since = self.first_step if self.last_visual_step is None else self.last_visual_step
