@@ -16,7 +16,7 @@ from swift.rlhf_trainers import gkd_trainer
 import vkd_shim
 from vkd_shim import patches, runtime, telemetry
 from vkd_shim.capture import Target
-from vkd_shim.errors import NonFiniteError, NoVisualTokensError, RefusedError
+from vkd_shim.errors import FeatureMismatchError, NonFiniteError, NoVisualTokensError, RefusedError
 from vkd_shim.testing import launch as kit
 
 pytestmark = pytest.mark.e2e
@@ -294,3 +294,52 @@ def test_the_exact_check_refuses_a_target_nothing_trainable_feeds(assets, shim, 
         train(assets, tmp_path / "full", *ONE_STEP, *frozen, "--tuner_type", "full")
     with pytest.raises(RefusedError, match=r"both frozen"):
         train(assets, tmp_path / "lora", *ONE_STEP, *frozen)
+
+
+def test_a_failure_of_the_shims_own_while_monitoring_is_reported_and_the_run_goes_on(
+    assets, shim, recorder, mocker, tmp_path
+):
+    """Failure injection: the distance itself raises on every call. Monitoring promises to train as plain
+    ms-swift would, so every loss is handed back untouched, the run finishes, and the failure is one
+    rate-limited `vkd.monitor_error` event (counted in the summary), not a stop."""
+    failing = mocker.patch.object(runtime, "vision_kd_loss", side_effect=RuntimeError("distance exploded"))
+    shim(weight=1.0, mode="monitor")
+    outer = mocker.spy(runtime.TrainerKD, "compute_loss")
+    train(assets, tmp_path / "out", "--max_steps", "3", "--eval_strategy", "no", "--save_strategy", "no")
+    assert len(outer.spy_return_list) == len(recorder) > 0
+    for got, base in zip(outer.spy_return_list, recorder, strict=True):
+        assert torch.equal((got[0] if isinstance(got, tuple) else got).detach(), base["base"])
+    events = read_events(tmp_path)
+    (error,) = [e for e in events if e["event"] == "vkd.monitor_error"]
+    assert error["reason"] == "measuring: RuntimeError: distance exploded" and error["mode"] == "train"
+    assert error["decision"] == runtime.MONITOR_GOES_ON and error["level"] == "error"
+    (summary,) = [e for e in events if e["event"] == "vkd.summary"]
+    assert summary["skipped"] == {error["reason"]: failing.call_count} and failing.call_count >= 2
+
+
+def test_a_micro_batch_whose_features_cannot_be_compared_is_skipped_with_both_shapes(assets, shim, mocker, tmp_path):
+    """Failure injection: the first distance raises a shape mismatch. That micro-batch adds no term and
+    counts 1 in `vision_kd/skipped`; one `vkd.skip` event names the target and both shapes; the run goes on
+    and later steps carry the term."""
+    real = runtime.vision_kd_loss
+    mismatch = FeatureMismatchError("merger", (8, 64), (8, 96), "widths differ")
+    calls = {"n": 0}
+
+    def first_fails(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise mismatch
+        return real(*args, **kwargs)
+
+    mocker.patch.object(runtime, "vision_kd_loss", side_effect=first_fails)
+    shim(weight=1.0)
+    rows = train(assets, tmp_path / "out", "--max_steps", "3", "--eval_strategy", "no", "--save_strategy", "no")["rows"]
+    train_rows = [r for r in rows if "loss" in r]
+    first_visual = next(r for r in train_rows if "vision_kd/skipped" in r)
+    assert first_visual["vision_kd/skipped"] == 1, first_visual
+    assert any(r.get("vision_kd_loss", 0) > 0 for r in train_rows[1:]), train_rows
+    events = read_events(tmp_path)
+    (skip,) = [e for e in events if e["event"] == "vkd.skip"]
+    assert (skip["target"], skip["student_shape"], skip["teacher_shape"]) == ("merger", [8, 64], [8, 96])
+    (summary,) = [e for e in events if e["event"] == "vkd.summary"]
+    assert sum(summary["skipped"].values()) == 1
