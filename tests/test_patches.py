@@ -274,9 +274,13 @@ def test_preflight_lets_fsdp2_through_and_refuses_fsdp1_however_it_is_spelled(tm
     to 2, the version ms-swift's GKD trainer prepares its teacher for."""
     config = VisualKDConfig()
     fsdp2 = {"fsdp_version": 2, "reshard_after_forward": True, "state_dict_type": "SHARDED_STATE_DICT"}
+    proven = swift_layouts.SWIFT_4_6  # the release where FSDP2 under vision KD is proven; the others refuse it
     for options in (fsdp2, {"version": 2}, {}, None):
         args = rlhf_args(fsdp="full_shard auto_wrap", fsdp_config=options)
-        assert preflight.fsdp_version(args) == 2 and preflight.check(args, config) == []
+        assert preflight.fsdp_version(args) == 2 and preflight.check(args, config, proven) == []
+        for layout in (swift_layouts.SWIFT_4_5, swift_layouts.SWIFT_4_4, swift_layouts.SWIFT_3_12):
+            (refusal,) = preflight.check(args, config, layout)
+            assert refusal == preflight.fsdp2_unproven(layout) and f"installed {layout.series}.x" in refusal.reason
     for options in ({"fsdp_version": 1}, {"version": "1"}):
         assert preflight.check(rlhf_args(fsdp="full_shard", fsdp_config=options), config) == [preflight.FSDP1]
     assert "--fsdp fsdp2" in preflight.FSDP1.fix
@@ -291,12 +295,13 @@ def test_preflight_refuses_a_lora_resume_from_a_sharded_fsdp_checkpoint(tmp_path
     (checkpoint / "pytorch_model_fsdp_0").mkdir(parents=True)
     config = VisualKDConfig()
     lora = rlhf_args(fsdp="full_shard auto_wrap", tuner_type="lora", resume_from_checkpoint=str(checkpoint))
-    assert preflight.check(lora, config) == [preflight.SHARDED_LORA_RESUME]
+    proven = swift_layouts.SWIFT_4_6
+    assert preflight.check(lora, config, proven) == [preflight.SHARDED_LORA_RESUME]
     assert "FULL_STATE_DICT" in preflight.SHARDED_LORA_RESUME.fix
     full = rlhf_args(fsdp="full_shard auto_wrap", tuner_type="full", resume_from_checkpoint=str(checkpoint))
-    assert preflight.check(full, config) == []
+    assert preflight.check(full, config, proven) == []
     (checkpoint / "adapter_config.json").write_text("{}")
-    assert preflight.check(lora, config) == []
+    assert preflight.check(lora, config, proven) == []
 
 
 def write_model(path, **vision):
