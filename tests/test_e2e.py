@@ -8,10 +8,11 @@ Why subprocesses: activation crosses `swift`'s re-exec, the model loader, the tr
 ms-swift's metric plumbing; only a real launch proves that the term reaches `logging.jsonl`, that a bad
 setup stops before any model loads, and that the switched-off path trains bit for bit as before.
 
-Cost: 10 training runs (the knob-off equality test runs four: plain, switch off, weight 0, monitored),
-11 launches that stop before any model loads (each also asks the doctor), one checkpoint load through
-ms-swift's loader. Measured on 2 CPU cores shared with other jobs (load average about 6): 50-80 s per
-training run, 33-39 s per early stop.
+Cost: 13 training runs (the knob-off equality test runs four: plain, switch off, weight 0, monitored and
+fed non-finite features; monitoring text-only data two; a share one), 11 launches that stop before any
+model loads (each also asks the doctor), one checkpoint load through ms-swift's loader. Measured on 2 CPU
+cores shared with a niced experiment (load average about 2.3): 20-35 s per training run, 18-21 s per early
+stop; the whole file about 9 minutes.
 """
 
 from __future__ import annotations
@@ -367,18 +368,21 @@ def test_resume_follows_the_restored_step_and_plain_swift_loads_the_checkpoint(g
 def test_switched_off_and_monitored_paths_train_bit_for_bit_like_plain_swift(gkd_assets, swift_cache, tmp_path):
     """Same seed, default lmbda (sampling included), four launches: plain `swift rlhf` without the
     bootstrap; the bootstrap on PYTHONPATH with VKD_ENABLE unset; vkd-run with `weight: 0`; vkd-run with
-    `VKD_MODE=monitor` on a config whose weight is 1. The logged loss, grad_norm and learning rate of every
-    step and the saved adapter must be identical: neither the switched-off nor the monitoring shim may
-    consume randomness, reorder work or touch the loss. The monitored run logs each target's distance and
-    relative drift (and no vision_kd_loss: nothing was added).
+    `VKD_MODE=monitor` on a config whose weight is 1, whose non-finite policies are both `raise`, with a
+    share asked for too, and fed non-finite features on both sides (tests/poison_harness: what the shim
+    reads, not what the model computes). The logged loss, grad_norm and learning rate of every step and the
+    saved adapter must be identical: neither the switched-off nor the monitoring shim may consume
+    randomness, reorder work, touch the loss, or stop a run plain ms-swift finishes. The monitored run logs
+    each target's distance and relative drift (and no vision_kd_loss: nothing was added), and reports the
+    non-finite rows instead of applying the policies.
     """
     extra = ("--max_steps", "3", "--save_steps", "3", "--eval_strategy", "no")
-    names = ("plain", "gate_off", "weight_0", "monitor", "poisoned")
+    names = ("plain", "gate_off", "weight_0", "monitor")
     outs = [tmp_path / f"out_{name}" for name in names]
-    gate_off_events, weight_0_events, monitor_events, poisoned_events = (tmp_path / f"{n}.jsonl" for n in names[1:])
+    gate_off_events, weight_0_events, monitor_events = (tmp_path / f"{n}.jsonl" for n in names[1:])
     config = write_config(tmp_path / "vkd.yaml", weight=0)
-    monitored = write_config(tmp_path / "monitor.yaml", weight=1.0)
-    strict = write_config(tmp_path / "strict.yaml", weight=1.0, nonfinite="raise", teacher_nonfinite="raise")
+    monitored = write_config(tmp_path / "monitor.yaml", weight=1.0, nonfinite="raise", teacher_nonfinite="raise")
+    monitor_env = swift_env(swift_cache, POISON_HARNESS, VKD_MODE="monitor", VKD_SHARE="0.1", E2E_POISON_FEATURES="1")
     launches = [
         (kit.gkd_command(gkd_assets, outs[0], *extra), swift_env(swift_cache)),
         (
@@ -398,11 +402,7 @@ def test_switched_off_and_monitored_paths_train_bit_for_bit_like_plain_swift(gkd
                 monitor_events,
                 *kit.gkd_command(gkd_assets, outs[3], *extra),
             ],
-            swift_env(swift_cache, VKD_MODE="monitor", VKD_SHARE="0.1"),  # a share asked for changes nothing here
-        ),
-        (
-            [VKD_RUN, "--config", strict, "--log-file", poisoned_events, *kit.gkd_command(gkd_assets, outs[4], *extra)],
-            swift_env(swift_cache, POISON_HARNESS, VKD_MODE="monitor", E2E_POISON_FEATURES="1"),
+            monitor_env,
         ),
     ]
     for argv, env in launches:
@@ -432,22 +432,18 @@ def test_switched_off_and_monitored_paths_train_bit_for_bit_like_plain_swift(gkd
     visual = [r for r in train_rows(kit.read_logging_jsonl(outs[3])).values() if "vision_kd/tokens" in r]
     assert visual, "the monitored run saw no visual step"
     for row in visual:
-        assert "vision_kd_loss" not in row
-        for target in TARGETS:
+        assert "vision_kd_loss" not in row and "vision_kd/scale" not in row
+        for target in TARGETS:  # the poisoned rows are masked out of the measurement
             assert math.isfinite(row[f"vision_kd/{target}"]) and math.isfinite(row[f"vision_kd/drift/{target}"])
         assert any(row[f"vision_kd/drift/{t}"] > 0 for t in TARGETS)  # different seeds: the aligners differ
     events = read_jsonl(monitor_events)
     (attach,) = named(events, "vkd.attach")
     assert attach["mode"] == "monitor"
-    (summary,) = named(events, "vkd.summary")
-    assert summary["mode"] == "monitor" and set(summary["mean_drift_per_target"]["train"]) == set(TARGETS)
-
-    # Non-finite features on both sides, with both policies at raise: a monitored run reports and trains on.
-    events = read_jsonl(poisoned_events)
     nonfinite = named(events, "vkd.nonfinite")
     assert {(e["side"], e["target"]) for e in nonfinite} == {("teacher", "merger"), ("student", "deepstack_0")}
     assert all(e["policy"] == "raise" and e["decision"] == MONITOR_GOES_ON for e in nonfinite), nonfinite
     (summary,) = named(events, "vkd.summary")
+    assert summary["mode"] == "monitor" and set(summary["mean_drift_per_target"]["train"]) == set(TARGETS)
     assert summary["nonfinite_rows"] == {"train/teacher/merger": len(visual), "train/student/deepstack_0": len(visual)}
     assert not named(events, "vkd.monitor_error") and not named(events, "vkd.refuse")
 
@@ -459,7 +455,7 @@ def test_a_share_holds_the_term_at_that_fraction_of_the_gkd_part(gkd_assets, swi
     logged `vision_kd/scale` times the weighted distances is the term. Tolerance: 1e-5 relative, the
     8-decimal rounding of logging.jsonl. The doctor states the share."""
     out, events = tmp_path / "out", tmp_path / "events.jsonl"
-    argv = kit.gkd_command(gkd_assets, out, "--max_steps", "5", "--eval_strategy", "no", "--save_strategy", "no")
+    argv = kit.gkd_command(gkd_assets, out, "--max_steps", "5", "--eval_steps", "5", "--save_strategy", "no")
     env = swift_env(swift_cache, VKD_SHARE="0.1", VKD_CONFIG=os.pathsep.join(map(str, SHIPPED_CONFIGS)))
     verdict = launch([VKD_SHIM, "doctor", "--", *argv], env, FAIL_FAST_TIMEOUT_S)
     assert verdict.returncode == 0 and "share: 0.1  <- env:VKD_SHARE" in verdict.stdout, verdict.stdout
@@ -475,6 +471,9 @@ def test_a_share_holds_the_term_at_that_fraction_of_the_gkd_part(gkd_assets, swi
         weighted = row["vision_kd/merger"] + 0.5 * (row["vision_kd/deepstack_0"] + row["vision_kd/deepstack_1"])
         assert row["vision_kd/scale"] * weighted == pytest.approx(row["vision_kd_loss"], rel=1e-5, abs=1e-8)
     assert any(row["vision_kd_loss"] > 0 for row in rows.values())
+    # Eval computes the term the same way and reports it beside ms-swift's own eval_loss.
+    (evaluated,) = eval_rows(kit.read_logging_jsonl(out)).values()
+    assert evaluated["eval_vision_kd/scale"] > 0 and 0 < evaluated["eval_vision_kd_loss"] < evaluated["eval_loss"]
     (config,) = named(read_jsonl(events), "vkd.config")
     assert config["config"]["share"] == 0.1 and config["sources"]["share"] == "env:VKD_SHARE"
 
