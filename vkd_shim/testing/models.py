@@ -20,6 +20,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from vkd_shim.testing.tokenizers import TokenizerLayoutError, byte_level
+
 VOCAB_SIZE = 151936
 
 # Qwen3 / Qwen3-VL added tokens at their real ids. ms-swift's Qwen templates hard-code several of these ids
@@ -136,38 +138,10 @@ def tokenizer() -> Any:
 @functools.cache
 def _fast_tokenizer() -> Any:
     """Build the tokenizer once per process: wrapping a 151936-entry vocab takes about a second."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    # Byte-level BPE without merges: every text encodes (one token per UTF-8 byte, no unknowns) and
-    # decodes back exactly, which is all the template and the random-init models need.
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    real_ids = {token_id: token for token, (token_id, _) in QWEN_ADDED_TOKENS.items()}
-    vocab: dict[str, int] = {char: i for i, char in enumerate(alphabet)}
-    # Every id up to the model's vocab size exists, so decoding any sampled id works, as in the real
-    # tokenizer; the unused ids are inert placeholders.
-    for token_id in range(len(alphabet), VOCAB_SIZE):
-        vocab[real_ids.get(token_id, f"<|reserved_{token_id}|>")] = token_id
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.add_tokens(
-        [
-            AddedToken(token, special=special, normalized=False)
-            for token, (_, special) in sorted(QWEN_ADDED_TOKENS.items(), key=lambda item: item[1][0])
-        ]
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN, model_max_length=2048
-    )
-    misplaced = {
-        token: (want, got)
-        for token, (want, _) in QWEN_ADDED_TOKENS.items()
-        if (got := tokenizer.convert_tokens_to_ids(token)) != want
-    }
-    if misplaced or len(tokenizer) != VOCAB_SIZE:
-        raise AssetError(f"tokenizer layout differs from Qwen's: misplaced={misplaced}, size={len(tokenizer)}")
-    return tokenizer
+    try:
+        return byte_level(QWEN_ADDED_TOKENS, VOCAB_SIZE, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN)
+    except TokenizerLayoutError as exc:
+        raise AssetError(str(exc)) from None
 
 
 def build_tokenizer(out_dir: str | os.PathLike[str]) -> Path:
