@@ -17,19 +17,10 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from vkd_shim import capture as capture_module
-from vkd_shim.capture import (
-    STUDENT,
-    TEACHER,
-    FeatureCapture,
-    Target,
-    frozen_targets,
-    resolve_targets,
-    unwrap,
-    upstream_parameters,
-    vision_tower,
-)
+from vkd_shim import targets as targets_module
+from vkd_shim.capture import STUDENT, TEACHER, FeatureCapture
 from vkd_shim.errors import CaptureError, RoleUnknownError, TargetResolutionError
+from vkd_shim.targets import Target, frozen_targets, resolve_targets, unwrap, upstream_parameters, vision_tower
 from vkd_shim.testing import inputs as kit_inputs
 from vkd_shim.testing import models
 
@@ -124,7 +115,7 @@ def swift_declared_aligner(arch: str) -> list[str]:
 
 
 def test_target_is_a_value_with_a_metric_name():
-    assert (*KINDS, "vit") == capture_module.KINDS
+    assert (*KINDS, "vit") == targets_module.KINDS
     assert (MERGER.kind, MERGER.index, MERGER.name) == ("merger", None, "merger")
     assert (DEEPSTACK_1.kind, DEEPSTACK_1.index, DEEPSTACK_1.name) == ("deepstack", 1, "deepstack_1")
     assert Target("deepstack", 1) == DEEPSTACK_1

@@ -25,7 +25,8 @@ from vkd_shim.config import (
     split_inline,
 )
 from vkd_shim.errors import ConfigError
-from vkd_shim.schema import MAX_WEIGHT, from_block
+from vkd_shim.schema import MAX_WEIGHT
+from vkd_shim.validation import from_block
 
 ENV_CONFIG = env.CONFIG
 ENV_WEIGHT = env.WEIGHT
@@ -33,6 +34,7 @@ ENV_TARGETS = env.TARGETS
 ENV_DISTANCE = env.DISTANCE
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ("visual_kd_base.yaml", "stage3_visual_kd.yaml")
 
 
 def write(tmp_path: Path, name: str, text: str) -> str:
@@ -63,6 +65,7 @@ def test_no_sources_gives_defaults():
         "weight": 1.0,
         "share": None,
         "targets": {"merger": 1.0, "deepstack": 1.0},
+        "optional_targets": ["deepstack"],
         "deepstack_layers": None,
         "distance": "mse",
         "warmup_steps": 0,
@@ -195,6 +198,7 @@ def test_every_field_at_once_and_sources(tmp_path):
         weight=0.5,
         share=0.25,
         targets=(("merger", 1.5), ("deepstack", 0.25)),
+        optional_targets=(),
         deepstack_layers=(0, 2),
         distance="cosine",
         warmup_steps=100,
@@ -470,8 +474,8 @@ def test_unknown_key_suggests_the_close_match_and_lists_keys(tmp_path, key, sugg
     assert path in message
     assert f"did you mean '{suggestion}'?" in message
     assert message.endswith(
-        "allowed keys: enabled, mode, weight, share, targets, deepstack_layers, distance, warmup_steps, nonfinite,"
-        " teacher_nonfinite, no_visual, no_visual_steps"
+        "allowed keys: enabled, mode, weight, share, targets, optional_targets, deepstack_layers, distance,"
+        " warmup_steps, nonfinite, teacher_nonfinite, no_visual, no_visual_steps"
     )
 
 
@@ -693,6 +697,7 @@ def test_stage_overlay_merges_fields_and_replaces_selections(tmp_path):
         "weight": stage,
         "share": "default",
         "targets": stage,
+        "optional_targets": stage,  # a source naming targets makes them required
         "deepstack_layers": stage,
         "distance": base,
         "warmup_steps": base,
@@ -989,7 +994,10 @@ def test_digest_is_stable_for_equal_configs_and_differs_otherwise(tmp_path):
     one = resolve(environ={}, inline={"weight": 1, "targets": ["Merger", "deepstack"], "distance": "MSE"})
     two = resolve(environ={ENV_CONFIG: block_file(tmp_path, "targets: {deepstack: 1, merger: 1.0}")})
     defaults = resolve(environ={})
-    assert one.digest() == two.digest() == defaults.digest()
+    assert one.digest() == two.digest() != defaults.digest()  # named targets are required; the defaults' deepstack not
+    assert resolve(
+        environ={}, inline={"targets": ["merger", "deepstack"], "optional_targets": ["deepstack"]}
+    ).digest() == (defaults.digest())
     assert len(one.digest()) == 12
     assert int(one.digest(), 16) >= 0
     assert resolve(environ={ENV_WEIGHT: "0.5"}).digest() != defaults.digest()
@@ -1014,6 +1022,7 @@ def test_to_event_is_json_ready(tmp_path):
             "weight": path,
             "share": "default",
             "targets": "default",
+            "optional_targets": "default",
             "deepstack_layers": "default",
             "distance": "env:VKD_DISTANCE",
             "warmup_steps": "default",
@@ -1172,3 +1181,37 @@ def test_a_share_out_of_range_names_the_field_the_file_and_the_allowed_values(va
 def test_a_share_env_value_that_is_not_a_number_names_the_variable():
     with pytest.raises(ConfigError, match=r"env:VKD_SHARE: VKD_SHARE = 'ten percent': not a number"):
         resolve(environ={"VKD_SHARE": "ten percent"})
+
+
+# --- optional targets -----------------------------------------------------------------------------------
+
+
+def test_optional_targets_survive_an_overlay_that_leaves_targets_alone_and_not_one_that_names_them(tmp_path):
+    base = block_file(tmp_path, "targets: {merger: 1, deepstack: 0.5}\noptional_targets: [Deepstack]", name="b.yaml")
+    keeps = block_file(tmp_path, "weight: 0.1", name="keeps.yaml")
+    names = block_file(tmp_path, "targets: [merger, deepstack]", name="names.yaml")
+    kept = resolve(environ={ENV_CONFIG: os.pathsep.join([base, keeps])})
+    assert kept.config.optional_targets == ("deepstack",) and kept.config.required == ("merger",)
+    assert kept.sources["optional_targets"] == base
+    named = resolve(environ={ENV_CONFIG: os.pathsep.join([base, names])})
+    assert named.config.optional_targets == () and named.config.required == ("merger", "deepstack")
+    assert named.sources["optional_targets"] == names
+    by_env = resolve(environ={ENV_CONFIG: base, ENV_TARGETS: "merger,deepstack"})
+    assert by_env.config.optional_targets == () and by_env.sources["optional_targets"] == "env:VKD_TARGETS"
+
+
+def test_the_shipped_configs_leave_deepstack_optional_and_an_unselected_optional_kind_is_a_note(tmp_path):
+    shipped = resolve(environ={ENV_CONFIG: os.pathsep.join(str(REPO_ROOT / "configs" / f) for f in SHIPPED)})
+    assert shipped.config.optional_targets == ("deepstack",) and shipped.config.required == ("merger",)
+    resolved = resolve_block(tmp_path, "targets: [merger]\noptional_targets: [vit]")
+    assert resolved.config.optional_targets == ("vit",)
+    assert any(note.startswith("optional_targets ['vit']") and "not among targets" in note for note in resolved.notes)
+
+
+def test_optional_targets_names_the_field_and_the_kinds_when_wrong(tmp_path):
+    path = block_file(tmp_path, "optional_targets: [deepstak]")
+    with pytest.raises(ConfigError) as caught:
+        resolve(environ={ENV_CONFIG: path})
+    message = str(caught.value)
+    assert caught.value.field.startswith("custom.visual_kd.optional_targets") and path in message
+    assert "did you mean 'deepstack'?" in message and "merger, deepstack, vit" in message

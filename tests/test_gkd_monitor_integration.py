@@ -15,8 +15,8 @@ from swift.rlhf_trainers import gkd_trainer
 
 import vkd_shim
 from vkd_shim import patches, runtime, telemetry
-from vkd_shim.capture import Target
 from vkd_shim.errors import FeatureMismatchError, NonFiniteError, NoVisualTokensError, RefusedError
+from vkd_shim.targets import Target
 from vkd_shim.testing import launch as kit
 
 pytestmark = pytest.mark.e2e

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from vkd_shim import loss
-from vkd_shim.capture import STUDENT, TEACHER, FeatureCapture, Target
+from vkd_shim.capture import STUDENT, TEACHER, FeatureCapture
 from vkd_shim.errors import FeatureMismatchError
 from vkd_shim.loss import LossOutput, feature_distance, vision_kd_loss
+from vkd_shim.targets import Target
 from vkd_shim.testing import inputs as kit_inputs
 from vkd_shim.testing import models
 

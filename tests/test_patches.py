@@ -13,7 +13,7 @@ import types
 import pytest
 import wrapt
 
-from vkd_shim import config, doctor, patches, preflight, swift_layouts, telemetry
+from vkd_shim import config, doctor, pairing, patches, preflight, swift_layouts, telemetry
 from vkd_shim.config import VisualKDConfig
 from vkd_shim.errors import PatchError, RefusedError
 
@@ -323,17 +323,26 @@ def write_model(path, **vision):
             {"deepstack_layers": [2]},
             r"\[2\]",
         ),
-        ({}, {}, {}, "no deepstack mergers"),  # Qwen2.5-VL-shaped, default targets
+        ({}, {}, {"targets": ["merger", "deepstack"]}, "no deepstack mergers"),  # Qwen2.5-VL-shaped, named
     ],
 )
 def test_preflight_reads_both_config_files(tmp_path, student, teacher, block, match):
     args = rlhf_args(
         model_dir=write_model(tmp_path / "s", **student), teacher_model=write_model(tmp_path / "t", **teacher)
     )
-    settings, _ = config.from_block(block)
+    settings = config.resolve(environ={}, inline=block).config
     refusals = preflight.check(args, settings)
     assert refusals and any(re.search(match, r.reason) for r in refusals), refusals
     assert all(r.fix for r in refusals)
+
+
+def test_an_optional_deepstack_is_left_out_of_a_merger_only_pair_and_said(tmp_path):
+    args = rlhf_args(model_dir=write_model(tmp_path / "s"), teacher_model=write_model(tmp_path / "t"))
+    defaults = VisualKDConfig()  # deepstack optional, as in the shipped configs
+    assert preflight.check(args, defaults) == []
+    assert pairing.target_plan(defaults, preflight.model_documents(args)) == (("merger",), ("deepstack",))
+    (note,) = preflight.notes(args, defaults)
+    assert note.startswith("optional target(s) deepstack left out: student qwen3_vl and teacher qwen3_vl has none")
 
 
 def write_layers(path, layers, deepstack):
@@ -349,21 +358,21 @@ def test_deepstack_mergers_the_language_model_never_reads_are_left_out_or_refuse
     2 layers and 3 mergers the third one's output is computed and dropped. "Every deepstack merger" leaves it
     out (with the note the run's vkd.attach and the doctor print); naming it in deepstack_layers is refused
     with the layers that would work. A merger the teacher's language model never reads is left out too."""
-    assert preflight.unconsumed_deepstack({"text_config": {"num_hidden_layers": 2}, "vision_config": {}}) == []
+    assert pairing.unconsumed_deepstack({"text_config": {"num_hidden_layers": 2}, "vision_config": {}}) == []
     shallow = {"text_config": {"num_hidden_layers": 2}, "vision_config": {"deepstack_visual_indexes": [0, 1, 2]}}
-    assert preflight.unconsumed_deepstack(shallow) == [2]
-    assert preflight.unconsumed_deepstack({**shallow, "text_config": {"num_hidden_layers": 3}}) == []
-    assert preflight.unconsumed_deepstack({"vision_config": shallow["vision_config"]}) == []  # no text config: unknown
+    assert pairing.unconsumed_deepstack(shallow) == [2]
+    assert pairing.unconsumed_deepstack({**shallow, "text_config": {"num_hidden_layers": 3}}) == []
+    assert pairing.unconsumed_deepstack({"vision_config": shallow["vision_config"]}) == []  # no text config: unknown
 
     student = write_layers(tmp_path / "s", 2, [0, 1, 2])
     deep_teacher = write_layers(tmp_path / "t", 36, [0, 1, 2])
     args = rlhf_args(model_dir=student, teacher_model=deep_teacher)
     assert preflight.check(args, VisualKDConfig()) == []
     (note,) = preflight.notes(args, VisualKDConfig())
-    assert note == preflight.left_out_note([2]) and note.startswith("deepstack_2 left out")
+    assert note == pairing.left_out_note([2]) and note.startswith("deepstack_2 left out")
     documents = {"student": shallow, "teacher": {**shallow, "text_config": {"num_hidden_layers": 36}}}
-    assert preflight.deepstack_plan(VisualKDConfig(), documents) == ((0, 1), [2], None)
-    assert preflight.deepstack_plan(VisualKDConfig(), {"teacher": shallow, "student": documents["teacher"]})[:2] == (
+    assert pairing.deepstack_plan(VisualKDConfig(), documents) == ((0, 1), [2], None)
+    assert pairing.deepstack_plan(VisualKDConfig(), {"teacher": shallow, "student": documents["teacher"]})[:2] == (
         (0, 1),
         [2],
     )
@@ -372,7 +381,7 @@ def test_deepstack_mergers_the_language_model_never_reads_are_left_out_or_refuse
     (refusal,) = preflight.check(args, named)
     assert "deepstack_layers [2]" in refusal.reason and "student 2" in refusal.reason
     assert refusal.fix == "set custom.visual_kd.deepstack_layers to [1]"
-    assert preflight.deepstack_plan(VisualKDConfig(deepstack_layers=[0, 1]), documents) == ((0, 1), [], None)
+    assert pairing.deepstack_plan(VisualKDConfig(deepstack_layers=[0, 1]), documents) == ((0, 1), [], None)
     assert preflight.notes(args, VisualKDConfig(targets=["merger"])) == []
     assert preflight.notes(rlhf_args(model_dir=write_layers(tmp_path / "deep", 36, [0, 1, 2])), VisualKDConfig()) == []
 

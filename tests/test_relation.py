@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from vkd_shim import config, loss, preflight
-from vkd_shim.capture import STUDENT, TEACHER, VIT, FeatureCapture, Target, resolve_targets
+from vkd_shim.capture import STUDENT, TEACHER, FeatureCapture
 from vkd_shim.errors import FeatureMismatchError
+from vkd_shim.targets import VIT, Target, resolve_targets
 from vkd_shim.testing import inputs, models
 
 

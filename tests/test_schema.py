@@ -14,7 +14,7 @@ import typing
 import msgspec
 import pytest
 
-from vkd_shim import capture, errors, loss, schema
+from vkd_shim import capture, errors, loss, schema, targets, validation
 from vkd_shim.schema import MAX_WEIGHT, VisualKDConfig
 
 HINTS = typing.get_type_hints(VisualKDConfig, include_extras=True)
@@ -63,9 +63,9 @@ def test_target_kinds_are_the_kinds_capture_resolves():
     # targets: kind | [kind] | {kind: weight}: every form names kinds through the same Literal.
     kinds = _literals(HINTS["targets"])
     assert len(kinds) == 3
-    assert set(kinds) == {capture.KINDS}
-    assert capture.KINDS == schema.KINDS == ("merger", "deepstack", "vit")
-    assert typing.get_args(schema.Kind) == capture.KINDS
+    assert set(kinds) == {targets.KINDS}
+    assert targets.KINDS == schema.KINDS == ("merger", "deepstack", "vit")
+    assert typing.get_args(schema.Kind) == targets.KINDS
 
 
 def test_every_weight_is_bounded_by_max_weight():
@@ -79,7 +79,9 @@ def test_every_weight_is_bounded_by_max_weight():
 def test_choices_are_lower_case_because_the_edge_folds_case():
     # _normalize lower-cases choices before msgspec sees them: an upper-case choice could never match.
     literals = [choice for name in VisualKDConfig.__struct_fields__ for lit in _literals(HINTS[name]) for choice in lit]
-    assert len(literals) == 2 + 3 * 3 + 4 + 3 * 2  # mode, targets' three forms, distance and the three policies
+    assert (
+        len(literals) == 2 + 3 * 3 + 3 + 4 + 3 * 2
+    )  # mode, targets (three forms), optional_targets, distance, policies
     assert all(choice == choice.strip().lower() for choice in literals)
 
 
@@ -106,6 +108,7 @@ def test_schema_describes_every_field_once_in_declaration_order():
         "weight",
         "share",
         "targets",
+        "optional_targets",
         "deepstack_layers",
         "distance",
         "warmup_steps",
@@ -121,13 +124,13 @@ def test_schema_describes_every_field_once_in_declaration_order():
         assert spec["description"].strip() and "\n" not in spec["description"], spec["name"]
     by_name = {spec["name"]: spec for spec in specs}
     assert by_name["weight"]["allowed"] == "a number from 0 to 10000"
-    assert all(kind in by_name["targets"]["allowed"] for kind in capture.KINDS)
+    assert all(kind in by_name["targets"]["allowed"] for kind in targets.KINDS)
 
 
 def test_schema_defaults_are_valid_input():
     # What the doctor prints as defaults must read back as the default config.
     defaults = {spec["name"]: spec["default"] for spec in schema.schema()}
-    config, keys = schema.from_block(defaults, "defaults")
+    config, keys = validation.from_block(defaults, "defaults")
     assert config == VisualKDConfig()
     assert keys == schema.FIELDS
 
@@ -179,9 +182,9 @@ def test_modules_raise_the_classes_of_errors():
     # One class per kind of failure: capture and loss re-export, they do not redefine.
     assert capture.CaptureError is errors.CaptureError
     assert capture.RoleUnknownError is errors.RoleUnknownError
-    assert capture.TargetResolutionError is errors.TargetResolutionError
+    assert capture.TargetResolutionError is targets.TargetResolutionError is errors.TargetResolutionError
     assert loss.FeatureMismatchError is errors.FeatureMismatchError
-    assert schema.ConfigError is errors.ConfigError
+    assert validation.ConfigError is errors.ConfigError
 
 
 @pytest.mark.parametrize(

@@ -20,18 +20,8 @@ from typing import Any
 import msgspec
 
 from vkd_shim import env
-from vkd_shim.schema import (
-    BLOCK,
-    BLOCK_PATH,
-    SHARE_TEXT,
-    WEIGHT_TEXT,
-    VisualKDConfig,
-    closest,
-    fail,
-    from_block,
-    kind_of,
-    schema,
-)
+from vkd_shim.schema import BLOCK, BLOCK_PATH, SHARE_TEXT, WEIGHT_TEXT, VisualKDConfig, schema
+from vkd_shim.validation import closest, fail, from_block, kind_of
 
 __all__ = [
     "BLOCK",
@@ -249,12 +239,25 @@ def _notes(config: VisualKDConfig, sources: Mapping[str, str]) -> tuple[str, ...
         notes.append(f"weight = 0 ({sources['weight']}) while enabled: the term is off")
     elif not config.monitor and all(weight == 0 for _, weight in config.targets):
         notes.append(f"every target weight is 0 ({sources['targets']}): the term adds nothing")
+    ignored = [kind for kind in config.optional_targets if kind not in config.kinds]
+    if ignored:
+        notes.append(
+            f"optional_targets {ignored} ({sources['optional_targets']}) are ignored: not among targets"
+            f" ({sources['targets']})"
+        )
     if config.deepstack_layers is not None and "deepstack" not in config.kinds:
         notes.append(
             f"deepstack_layers = {list(config.deepstack_layers)} ({sources['deepstack_layers']}) is ignored:"
             f" 'deepstack' is not among targets ({sources['targets']})"
         )
     return tuple(notes)
+
+
+def _require_named_targets(keys: tuple[str, ...], values: dict[str, Any], sources: dict[str, str], source: str) -> None:
+    """A source that names targets without ``optional_targets`` asks for each of them: a model lacking one is
+    refused, whatever optional kinds an earlier source (or the defaults) declared."""
+    if "targets" in keys and "optional_targets" not in keys:
+        values["optional_targets"], sources["optional_targets"] = (), source
 
 
 def inline_from_env(environ: Mapping[str, str]) -> tuple[dict[str, Any] | None, str | None]:
@@ -281,7 +284,8 @@ def resolve(
        ``VKD_MODE`` (empty means unset; ``VKD_SHARE=none`` clears a file's share).
 
     Sources merge field by field; ``targets`` and ``deepstack_layers`` are selections, so a later
-    source replaces them whole. Each source is validated as it is read, so an error names the source
+    source replaces them whole, and a source naming ``targets`` without ``optional_targets`` makes them all
+    required. Each source is validated as it is read, so an error names the source
     that holds the bad value.
     """
     environ = os.environ if environ is None else environ
@@ -298,10 +302,12 @@ def resolve(
         config, keys = from_block(raw, source)
         for key in keys:
             values[key], sources[key] = getattr(config, key), source
+        _require_named_targets(keys, values, sources, source)
     for name, key, parse in _ENV_OVERRIDES:
         raw_text = environ.get(name, "").strip()
         if raw_text:
             config, _ = from_block({key: parse(raw_text)}, f"env:{name}", label=name)
             values[key], sources[key] = getattr(config, key), f"env:{name}"
+            _require_named_targets((key,), values, sources, f"env:{name}")
     config = VisualKDConfig(**values)
     return ResolvedConfig(config=config, sources=sources, files=files, notes=_notes(config, sources))

@@ -251,14 +251,14 @@ def _trainable_by_name(report: _Report, args: Any, config: Any, chosen: dict[str
 
     The student's module tree is built from its ``config.json`` on the meta device (no weights, no memory);
     ms-swift's own functions (full tuning) or peft's target matching (LoRA ``target_regex``) set
-    ``requires_grad`` as the run will; then :func:`vkd_shim.capture.frozen_targets` decides, as at trainer
+    ``requires_grad`` as the run will; then :func:`vkd_shim.targets.frozen_targets` decides, as at trainer
     construction. Where the tree cannot be built (a hub id, an architecture transformers does not know), the
     doctor says it cannot tell, and the run decides after both models load.
     """
     import torch
     import transformers
 
-    from vkd_shim import capture, preflight, swift_layouts
+    from vkd_shim import pairing, preflight, swift_layouts, targets
 
     shown = ", ".join(f"{name}={value!r}" for name, value in chosen.items())
     path = getattr(args, "model_dir", None) or getattr(args, "model", None)
@@ -267,10 +267,10 @@ def _trainable_by_name(report: _Report, args: Any, config: Any, chosen: dict[str
             model = transformers.AutoModelForImageTextToText.from_config(transformers.AutoConfig.from_pretrained(path))
         model.model_meta = getattr(args, "model_meta", None)
         _set_trainable_as_ms_swift(model, args)
-        layers, _, _ = preflight.deepstack_plan(config, preflight.model_documents(args))
+        layers, _, _ = pairing.deepstack_plan(config, preflight.model_documents(args))
         aligner = swift_layouts.aligner_paths(model)
-        targets = capture.resolve_targets(model, config.kinds, layers, aligner)
-        frozen = capture.frozen_targets(model, targets, aligner)
+        targets = targets.resolve_targets(model, config.kinds, layers, aligner)
+        frozen = targets.frozen_targets(model, targets, aligner)
     except Exception as exc:
         report.line(
             f"trainability chosen by name ({shown}): cannot be told before loading ({type(exc).__name__}: {exc});"

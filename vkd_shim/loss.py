@@ -185,6 +185,8 @@ def feature_distance(
 def _segments_for(kind: str, segments: Sequence[int] | None, features: torch.Tensor) -> Sequence[int] | None:
     if kind not in RELATION_DISTANCES:
         return None
+    if segments is None and features.dim() == 3:  # [images, tokens, hidden]: one image per leading index
+        return [features.shape[1]] * features.shape[0]
     return segments if segments is not None else [features.numel() // max(features.shape[-1], 1)]
 
 

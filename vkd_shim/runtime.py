@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from vkd_shim import preflight, swift_layouts, telemetry
-from vkd_shim.capture import STUDENT, TEACHER, VIT, FeatureCapture, frozen_targets, resolve_targets, unwrap
+from vkd_shim import pairing, preflight, swift_layouts, telemetry
+from vkd_shim.capture import STUDENT, TEACHER, FeatureCapture
 from vkd_shim.config import ResolvedConfig
 from vkd_shim.errors import (
     CaptureError,
@@ -32,6 +32,7 @@ from vkd_shim.loss import RELATION_DISTANCES, vision_kd_loss
 from vkd_shim.metrics import MetricBuffer, Tally
 from vkd_shim.schema import MAX_WEIGHT
 from vkd_shim.swift_layouts import SwiftLayout
+from vkd_shim.targets import VIT, frozen_targets, resolve_targets, unwrap
 
 CONFIG_FILE_NAME = "vision_kd_config.json"
 METRIC_LOSS = "vision_kd_loss"
@@ -78,17 +79,19 @@ class TrainerKD:
             raise RefusedError(*(preflight.REMOTE_TEACHER if teacher is None else preflight.NO_TEACHER))
         if self_distill:
             teacher = student  # ms-swift's teacher: the same model with its adapters disabled
-        kinds, aligner = self.config.kinds, swift_layouts.aligner_paths(student)
+        aligner = swift_layouts.aligner_paths(student)
+        teacher_aligner = swift_layouts.aligner_paths(teacher) or aligner
         configs = {role: getattr(unwrap(m), "config", None) for role, m in ((STUDENT, student), (TEACHER, teacher))}
         documents = {role: c.to_dict() for role, c in configs.items() if hasattr(c, "to_dict")}
-        layers, left_out, refusal = preflight.deepstack_plan(self.config, documents)
+        kinds, optional_left_out = pairing.target_plan(self.config, documents)
+        layers, left_out, refusal = pairing.deepstack_plan(self.config, documents)
         if refusal is not None:
             raise RefusedError(*refusal)
         try:
             modules = resolve_targets(student, kinds, layers, aligner)
-            self.capture = FeatureCapture(student, teacher, kinds, layers, aligner=aligner)
+            self.capture = FeatureCapture(student, teacher, kinds, layers, aligner, teacher_aligner)
         except TargetResolutionError as exc:
-            raise RefusedError(str(exc), "choose targets the architecture has (custom.visual_kd.targets)") from None
+            raise RefusedError(str(exc), pairing.MISSING_TARGET_FIX) from None
         frozen = frozen_targets(student, modules, aligner)
         if frozen and not self.config.monitor:
             raise RefusedError(*preflight.frozen([t.name for t in frozen], every=len(frozen) == len(modules)))
@@ -115,8 +118,11 @@ class TrainerKD:
             shared_modules=self.capture.shared,
             distance=self.config.distance,
             mode=self.config.mode,
+            families=pairing.labels(documents),
             frozen_targets=[t.name for t in frozen],
-            **({"note": preflight.left_out_note(left_out)} if left_out else {}),
+            modules={t.name: path for t, path in self.capture.paths.items()},
+            left_out=[*optional_left_out, *(f"deepstack_{i}" for i in left_out)],
+            **({"note": " ".join(notes)} if (notes := pairing.plan_notes(self.config, documents)) else {}),
         )
         self._save_config(resolved)
         trainer.add_callback(_run_end_callback(self))
@@ -223,15 +229,13 @@ class TrainerKD:
         """Tokens per image, then per video, for each target (``relation`` compares within each one).
 
         Images run through the tower before videos (in one call under DeepSpeed, in two without), so the
-        captured rows follow this order. The grids are tiny; the model itself reads them on the host.
+        captured rows follow this order. The grids are tiny; the model itself reads them on the host. Families
+        without grids (LLaVA, Gemma 3, ...) give None: their aligner's [images, tokens, hidden] output says it.
         """
-        if self.config.distance not in RELATION_DISTANCES:
+        grids = [g for g in map(model_inputs.get, ("image_grid_thw", "video_grid_thw")) if g is not None]
+        if self.config.distance not in RELATION_DISTANCES or not grids:
             return None
-        patches = []
-        for key in ("image_grid_thw", "video_grid_thw"):
-            grid = model_inputs.get(key)
-            if grid is not None:
-                patches += [int(t) * int(h) * int(w) for t, h, w in grid.tolist()]
+        patches = [int(t) * int(h) * int(w) for grid in grids for t, h, w in grid.tolist()]
         return {t: patches if t.kind == VIT else [n // self.merge for n in patches] for t in self.weights}
 
     def _term(self, mode: str, step: int, segments: dict[Any, list[int]] | None = None) -> Any:

@@ -228,7 +228,7 @@ class Harness:
         import torch
         from swift.rlhf_trainers import gkd_trainer
 
-        from vkd_shim import capture, runtime
+        from vkd_shim import runtime, targets
 
         self.torch = torch
         self.runtime = runtime
@@ -238,8 +238,8 @@ class Harness:
             raise RuntimeError("the shim did not attach to the trainer: nothing to benchmark (see events.jsonl)")
         self.states = {"shim": self.kd, "monitor": self._monitor_state(trainer)}
         self.original = vars(gkd_trainer.GKDTrainer)["compute_loss"].__wrapped__
-        self.student = capture.unwrap(trainer.model)
-        self.teacher = capture.unwrap(trainer.teacher_model)
+        self.student = targets.unwrap(trainer.model)
+        self.teacher = targets.unwrap(trainer.teacher_model)
         self.targets = self.kd.capture.targets
         self.cuda = trainer.accelerator.device.type == "cuda"
         trainer.model.train()

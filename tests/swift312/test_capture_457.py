@@ -13,7 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vkd_shim.capture import STUDENT, TEACHER, FeatureCapture, Target
+from vkd_shim.capture import STUDENT, TEACHER, FeatureCapture
+from vkd_shim.targets import Target
 from vkd_shim.testing import inputs as kit_inputs
 from vkd_shim.testing import models
 
