@@ -69,6 +69,7 @@ ALLOWED: dict[str, set[str]] = {
         "torch",
         "transformers",
         "peft",
+        "families",
         "pairing",
         "targets",
         "runtime",
@@ -79,7 +80,10 @@ ALLOWED: dict[str, set[str]] = {
     "testing.models": {"torch", "transformers", "testing.tokenizers"},
     "testing.inputs": {"torch", "testing.models"},
     "testing.data": {"PIL", "av"},
-    "testing.launch": {"testing.data", "testing.models"},
+    "testing.qwen_families": {"torch", "transformers", "testing.models", "testing.tokenizers"},
+    "testing.other_families": {"torch", "transformers", "tokenizers", "testing.models", "testing.tokenizers"},
+    "testing.kits": {"testing.models", "testing.qwen_families", "testing.other_families"},
+    "testing.launch": {"testing.data", "testing.kits", "testing.models"},
 }
 #: (module, bootstrap modules) that must never be imported by product code.
 NEVER_IMPORTED = {"cli", "doctor", "demo", "testing"}

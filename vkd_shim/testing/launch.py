@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from vkd_shim.testing.data import build_dataset
-from vkd_shim.testing.models import AssetError, save_qwen3_vl
+from vkd_shim.testing.kits import KITS, swift_argv
+from vkd_shim.testing.models import AssetError
 
 _VIDEO_READERS = ("decord", "torchcodec")
 # ms-swift 4.x name -> ms-swift 3.x name of the same flag.
@@ -54,21 +55,29 @@ def build_all(
     n_image: int = 12,
     n_text: int = 12,
     n_video: int = 8,
+    family: str = "qwen3_vl",
+    teacher_family: str | None = None,
+    teacher_overrides: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Build teacher, student and data under `out_dir`; return a JSON-ready summary `gkd_command` accepts.
 
     The student uses `seed + 1` so that teacher and student logits differ and the GKD loss has a gradient.
     With `student_from_teacher` it is a byte copy of the teacher in its own directory: ms-swift compares
     the `--model` and `--teacher_model` strings, and the same path with LoRA would switch to
-    self-distillation through `disable_adapter()` with no separate teacher model.
+    self-distillation through `disable_adapter()` with no separate teacher model. `family` and `teacher_family`
+    name kits (:data:`vkd_shim.testing.kits.KITS`); `teacher_overrides` change the teacher's config (a wider
+    teacher: ``qwen_families.width_overrides(96)``).
     """
     root = Path(out_dir)
-    teacher = save_qwen3_vl(root / "teacher", seed=seed)
+    teacher_family = teacher_family or family
+    teacher = KITS[teacher_family].save(root / "teacher", seed=seed, **dict(teacher_overrides or {}))
     student = root / "student"
     if student_from_teacher:
         shutil.copytree(teacher, student, dirs_exist_ok=True)
     else:
-        save_qwen3_vl(student, seed=seed + 1)
+        KITS[family].save(student, seed=seed + 1)
+    if not (KITS[family].video and KITS[teacher_family].video):
+        n_video = 0
     data = build_dataset(root / "data", n_image=n_image, n_text=n_text, n_video=n_video, seed=seed)
     return {
         "teacher": str(teacher),
@@ -78,6 +87,7 @@ def build_all(
         "seed": seed,
         "student_from_teacher": student_from_teacher,
         "rows": {"image": n_image, "text": n_text, "video": n_video},
+        "families": {"student": family, "teacher": teacher_family},
     }
 
 
@@ -112,9 +122,7 @@ def gkd_command(assets: Mapping[str, Any], output_dir: str | os.PathLike[str], *
         str(_swift_executable()), "rlhf",
         "--rlhf_type", "gkd",
         "--model", str(assets["student"]),
-        "--model_type", "qwen3_vl",
         "--teacher_model", str(assets["teacher"]),
-        "--teacher_model_type", "qwen3_vl",
         "--torch_dtype", "float32",
         "--dataset", str(assets["train"]),
         "--val_dataset", str(assets["val"]),
@@ -143,6 +151,7 @@ def gkd_command(assets: Mapping[str, Any], output_dir: str | os.PathLike[str], *
         # costs about 7 s of retries.
         "--check_model", "false",
         "--output_dir", str(output_dir),
+        *swift_argv(**assets.get("families", {"student": "qwen3_vl"})),
         *extra,
     ]  # fmt: skip
     if int(metadata.version("ms-swift").split(".")[0]) < 4:

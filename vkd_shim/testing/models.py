@@ -184,7 +184,7 @@ def qwen3_vl_config(**overrides: Any) -> Any:
     return Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **overrides)
 
 
-def _processor() -> Any:
+def processor() -> Any:
     """Qwen3VLProcessor whose image and video processors share the model's patch geometry."""
     from transformers import Qwen3VLProcessor
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
@@ -225,7 +225,7 @@ def save_qwen3_vl(out_dir: str | os.PathLike[str], seed: int = 0, **config_overr
     torch.manual_seed(seed)
     model = Qwen3VLForConditionalGeneration(config).eval()
     model.save_pretrained(path)
-    _processor().save_pretrained(path)
+    processor().save_pretrained(path)
     # Sampling settings of the released Qwen3-VL Instruct checkpoints; eos covers both end markers.
     GenerationConfig(
         bos_token_id=QWEN_ADDED_TOKENS[PAD_TOKEN][0],
