@@ -143,6 +143,12 @@ def train_rows(rows: list[dict]) -> dict[int, dict]:
     return {step_of(r): r for r in rows if "loss" in r}
 
 
+def trajectory(output_dir: Path) -> list[tuple]:
+    """(step, loss, grad_norm, learning_rate) of every train row: what knob-off equality compares."""
+    rows = train_rows(kit.read_logging_jsonl(output_dir))
+    return [(s, r["loss"], r["grad_norm"], r["learning_rate"]) for s, r in rows.items()]
+
+
 def eval_rows(rows: list[dict]) -> dict[int, dict]:
     return {step_of(r): r for r in rows if "eval_loss" in r}
 

@@ -9,7 +9,7 @@ ms-swift's metric plumbing; only a real launch proves that the term reaches `log
 setup stops before any model loads, and that the switched-off path trains bit for bit as before.
 
 Cost: 13 training runs (the knob-off equality test runs four: plain, switch off, weight 0, monitored and
-fed non-finite features; monitoring text-only data two; a share one), 11 launches that stop before any
+fed non-finite features; monitoring text-only data two; a share one), 12 launches that stop before any
 model loads (each also asks the doctor), one checkpoint load through ms-swift's loader. Measured on 2 CPU
 cores shared with a niced experiment (load average about 2.3): 20-35 s per training run, 18-21 s per early
 stop; the whole file about 9 minutes.
@@ -44,12 +44,14 @@ from e2e_support import (
     swift_env,
     train_rows,
     trained,
+    trajectory,
     without,
     write_config,
 )
 
 from vkd_shim.bootstrap import BOOTSTRAP_DIR
 from vkd_shim.runtime import MONITOR_GOES_ON
+from vkd_shim.testing import kits
 from vkd_shim.testing import launch as kit
 
 pytestmark = pytest.mark.e2e
@@ -408,12 +410,6 @@ def test_switched_off_and_monitored_paths_train_bit_for_bit_like_plain_swift(gkd
     for argv, env in launches:
         trained(launch(argv, env))
 
-    def trajectory(out: Path) -> list[tuple]:
-        return [
-            (s, r["loss"], r["grad_norm"], r["learning_rate"])
-            for s, r in train_rows(kit.read_logging_jsonl(out)).items()
-        ]
-
     plain = trajectory(outs[0])
     assert [s for s, *_ in plain] == [1, 2, 3]
     for out in outs[1:]:
@@ -576,6 +572,14 @@ REFUSALS = {
         ("no vision tower", "Qwen3-VL"),
     ),
     "switch_neither_on_nor_off": ({}, (), (), {"VKD_ENABLE": "2"}, ("VKD_ENABLE = '2'", "allowed values")),
+    # The shipped configs leave deepstack optional; a user who names it asks for it, and Qwen3.5 has none.
+    "deepstack_named_on_a_merger_only_family": (
+        {"targets": ["merger", "deepstack"]},
+        ("--model", "--teacher_model", "--model_type", "--teacher_model_type"),
+        ("--model", "{qwen3_5}", "--teacher_model", "{qwen3_5_moe}", *kits.swift_argv("qwen3_5", "qwen3_5_moe")),
+        {},
+        ("Qwen3_5ForConditionalGeneration) has no deepstack mergers", "optional_targets"),
+    ),
 }
 
 
@@ -585,7 +589,15 @@ def variants(gkd_assets, tmp_path_factory) -> dict:
     return {
         "deep_teacher": model_variant(gkd_assets, root / "deep", {"deepstack_visual_indexes": [0, 1, 2]}),
         "text_teacher": model_variant(gkd_assets, root / "text", None),
+        **{family: config_only(root / family, family) for family in ("qwen3_5", "qwen3_5_moe")},
     }
+
+
+def config_only(path: Path, family: str) -> str:
+    """A kit family's checkpoint directory without the weights: its config.json, tokenizer and processor."""
+    kits.KITS[family].save(path)
+    (path / "model.safetensors").unlink()
+    return str(path)
 
 
 def refusal_launch(case: str, gkd_assets: dict, variants: dict, tmp_path: Path) -> tuple[list, dict, tuple]:
@@ -668,19 +680,14 @@ def test_valid_setup_passes_the_preflight_and_reaches_the_loader(gkd_assets, swi
 def test_a_wider_teacher_distils_through_relation_and_mse_is_refused_before_loading(
     gkd_assets, swift_cache, probe_dir, tmp_path
 ):
-    """GKD's usual pair: a teacher whose language model, and so whose aligner output, is wider (96) than
-    the student's (64), with the same ViT and token geometry. `relation` on merger, deepstack and vit
-    trains with finite metrics in train and eval, no parameter added; `mse` on the same pair is refused
-    before any model loads, with a fix that names `relation`."""
-    from vkd_shim.testing import models
+    """GKD's usual pair: a bigger Qwen3-VL-MoE teacher for a dense Qwen3-VL student, its language model, and so
+    its aligner output, wider (96) than the student's (64), with the same ViT and token geometry. `relation` on
+    merger, deepstack and vit trains with finite metrics in train and eval, no parameter added; `mse` on the same
+    pair is refused before any model loads, with a fix that names `relation`."""
+    from vkd_shim.testing import qwen_families
 
-    wide = models.save_qwen3_vl(
-        tmp_path / "wide_teacher",
-        seed=0,
-        text_config={"hidden_size": 96, "intermediate_size": 192},
-        vision_config={"out_hidden_size": 96},
-    )
-    assets = {**gkd_assets, "teacher": str(wide)}
+    wide = qwen_families.save_qwen3_vl_moe(tmp_path / "wide_teacher", seed=0, **qwen_families.width_overrides(96))
+    assets = {**gkd_assets, "teacher": str(wide), "families": {"student": "qwen3_vl", "teacher": "qwen3_vl_moe"}}
     events_file = tmp_path / "events.jsonl"
 
     mse = write_config(tmp_path / "mse.yaml", weight=0.1, distance="mse")
@@ -708,3 +715,4 @@ def test_a_wider_teacher_distils_through_relation_and_mse_is_refused_before_load
     assert all(math.isfinite(evaluated[f"eval_{k}"]) for k in names), evaluated
     (attach,) = named(read_jsonl(events_file), "vkd.attach")
     assert attach["targets"] == ["merger", "vit", "deepstack_0", "deepstack_1"] and attach["distance"] == "relation"
+    assert attach["families"] == {"student": "Qwen3-VL", "teacher": "Qwen3-VL-MoE"}

@@ -342,7 +342,7 @@ def test_an_optional_deepstack_is_left_out_of_a_merger_only_pair_and_said(tmp_pa
     assert preflight.check(args, defaults) == []
     assert pairing.target_plan(defaults, preflight.model_documents(args)) == (("merger",), ("deepstack",))
     (note,) = preflight.notes(args, defaults)
-    assert note.startswith("optional target(s) deepstack left out: student qwen3_vl and teacher qwen3_vl has none")
+    assert note.startswith("optional target(s) deepstack left out: student qwen3_vl and teacher qwen3_vl have none")
 
 
 def write_layers(path, layers, deepstack):

@@ -239,11 +239,24 @@ def _launch(report: _Report, launch: list[str], layout: Any) -> None:
     report.line(f"engine: {_engine(args, preflight.fsdp_version(args))}")
     for refusal in preflight.check(args, resolved.config, layout):
         report.problem(f"vision KD refused: {refusal.reason}. Fix: {refusal.fix}.")
+    _targets(report, args, resolved.config)
     for note in preflight.notes(args, resolved.config):
         report.line(f"note: {note}")
     chosen = preflight.chosen_by_name(args)
     if chosen and not resolved.config.monitor:
         _trainable_by_name(report, args, resolved.config, chosen)
+
+
+def _targets(report: _Report, args: Any, config: Any) -> None:
+    """The family of each model, the aligner ms-swift's registry names, and the targets that apply to this pair."""
+    from vkd_shim import families, pairing, preflight
+
+    documents = preflight.model_documents(args)
+    for role, label in pairing.labels(documents).items():
+        report.line(f"family: {role} {label} ({families.architecture(documents[role])})")
+    report.line(f"aligner (ms-swift registry): {preflight.registry_aligner(args) or 'none recorded'}")
+    applied, left_out = pairing.target_plan(config, documents)
+    report.line(f"TARGETS: {', '.join(applied) or 'none'}" + (f"; left out: {', '.join(left_out)}" if left_out else ""))
 
 
 def _trainable_by_name(report: _Report, args: Any, config: Any, chosen: dict[str, Any]) -> None:
@@ -267,10 +280,11 @@ def _trainable_by_name(report: _Report, args: Any, config: Any, chosen: dict[str
             model = transformers.AutoModelForImageTextToText.from_config(transformers.AutoConfig.from_pretrained(path))
         model.model_meta = getattr(args, "model_meta", None)
         _set_trainable_as_ms_swift(model, args)
-        layers, _, _ = pairing.deepstack_plan(config, preflight.model_documents(args))
+        documents = preflight.model_documents(args)
+        layers, _, _ = pairing.deepstack_plan(config, documents)
         aligner = swift_layouts.aligner_paths(model)
-        targets = targets.resolve_targets(model, config.kinds, layers, aligner)
-        frozen = targets.frozen_targets(model, targets, aligner)
+        found = targets.resolve_targets(model, pairing.target_plan(config, documents)[0], layers, aligner)
+        frozen = targets.frozen_targets(model, found, aligner, swift_layouts.vision_tower_paths(model))
     except Exception as exc:
         report.line(
             f"trainability chosen by name ({shown}): cannot be told before loading ({type(exc).__name__}: {exc});"
@@ -278,7 +292,7 @@ def _trainable_by_name(report: _Report, args: Any, config: Any, chosen: dict[str
         )
         return
     if frozen:
-        refusal = preflight.frozen([t.name for t in frozen], every=len(frozen) == len(targets))
+        refusal = preflight.frozen([t.name for t in frozen], every=len(frozen) == len(found))
         report.problem(f"vision KD refused: {refusal.reason} (with {shown}). Fix: {refusal.fix}.")
     else:
         report.line(f"trainability chosen by name ({shown}): every target has a trainable parameter upstream")

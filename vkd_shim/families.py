@@ -35,6 +35,8 @@ class Family(NamedTuple):
     group: str
     #: How the fit was proven here (README's Supported table).
     proof: str
+    #: The ``vision_config`` field holding the width of what ``vit`` reads (the aligner's input).
+    vit_width: str = "hidden_size"
 
 
 _E2E = "real swift rlhf GKD runs in make test (tests/test_families.py)"
@@ -51,6 +53,15 @@ FITS: Mapping[str, Family] = MappingProxyType(
         "Qwen3_5ForConditionalGeneration": Family("Qwen3.5", ("qwen3_5",), ("merger", "vit"), QWEN, _E2E),
         "Qwen3_5MoeForConditionalGeneration": Family("Qwen3.5-MoE", ("qwen3_5_moe",), ("merger", "vit"), QWEN, _E2E),
         "Qwen2_5_VLForConditionalGeneration": Family("Qwen2.5-VL", ("qwen2_5_vl",), ("merger", "vit"), QWEN, _E2E),
+        # Pools the ViT's patches to a fixed 256 soft tokens per image ([images, 256, hidden]), read in order.
+        "Gemma3ForConditionalGeneration": Family("Gemma 3", ("gemma3_vision",), ("merger", "vit"), "gemma3", _E2E),
+        # Pixel-shuffle MLP over every tile ([tiles, 256, hidden]); the LM reads tile by tile, in order.
+        "InternVLForConditionalGeneration": Family("InternVL", ("internvl",), ("merger", "vit"), "internvl", _E2E),
+        # Qwen-VL-shaped merger under GLM's tokenizer (GLM-4.1V, GLM-4.6V-Flash); a downsampling convolution
+        # before the merger already maps the ViT's patches to out_hidden_size.
+        "Glm4vForConditionalGeneration": Family(
+            "GLM-4.1V", ("glm4v",), ("merger", "vit"), "glm4v", _E2E, vit_width="out_hidden_size"
+        ),
     }
 )
 

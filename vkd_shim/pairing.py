@@ -141,8 +141,9 @@ def optional_note(left_out: tuple[str, ...], documents: Mapping[str, Mapping[str
         for role, d in documents.items()
         if not set(left_out) <= set(available(d))
     ]
+    verb = "have" if len(lacking) > 1 else "has"
     return (
-        f"optional target(s) {', '.join(left_out)} left out: {' and '.join(lacking) or 'a model'} has none"
+        f"optional target(s) {', '.join(left_out)} left out: {' and '.join(lacking) or 'a model'} {verb} none"
         " (custom.visual_kd.optional_targets)"
     )
 
@@ -255,8 +256,10 @@ def _widths(student: dict[str, Any], teacher: dict[str, Any], config: VisualKDCo
         _text(d, "hidden_size") if v.get("out_hidden_size") is None else v["out_hidden_size"] for d, v in pairs
     ]
     checks = [("out_hidden_size", "aligners", [k for k in config.kinds if k != "vit"], out_width)]
-    vit_width = [v.get("hidden_size") for _, v in pairs]
-    checks.append(("hidden_size", "ViTs", [k for k in config.kinds if k == "vit"], vit_width))
+    found = families.family(families.architecture(student))
+    vit_field = found.vit_width if found else "hidden_size"
+    vit_width = [v.get(vit_field) for _, v in pairs]
+    checks.append((vit_field, "ViT outputs", [k for k in config.kinds if k == "vit"], vit_width))
     for field, what, kinds, widths in checks:
         if kinds and None not in widths and widths[0] != widths[1]:
             out.append(

@@ -92,7 +92,7 @@ class TrainerKD:
             self.capture = FeatureCapture(student, teacher, kinds, layers, aligner, teacher_aligner)
         except TargetResolutionError as exc:
             raise RefusedError(str(exc), pairing.MISSING_TARGET_FIX) from None
-        frozen = frozen_targets(student, modules, aligner)
+        frozen = frozen_targets(student, modules, aligner, swift_layouts.vision_tower_paths(student))
         if frozen and not self.config.monitor:
             raise RefusedError(*preflight.frozen([t.name for t in frozen], every=len(frozen) == len(modules)))
         self.weights = {target: self.config.kind_weights[target.kind] for target in modules}

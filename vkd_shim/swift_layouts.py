@@ -282,8 +282,17 @@ def version_problem(version: str | None = None) -> str | None:
 
 def aligner_paths(model: Any) -> list[str] | None:
     """ms-swift's own declaration of the architecture's aligner (swift/model/model_arch.py)."""
-    arch = getattr(getattr(model, "model_meta", None), "model_arch", None)
-    aligner = getattr(arch, "aligner", None)
-    if not aligner:
+    return _declared(model, "aligner")
+
+
+def vision_tower_paths(model: Any) -> list[str] | None:
+    """ms-swift's declaration of the vision tower: what ``vit`` reads and every target depends on. The aligner's
+    parent is no substitute: in the LLaVA layout (Gemma 3, InternVL) it is the whole model, language model and all."""
+    return _declared(model, "vision_tower")
+
+
+def _declared(model: Any, field: str) -> list[str] | None:
+    paths = getattr(getattr(getattr(model, "model_meta", None), "model_arch", None), field, None)
+    if not paths:
         return None
-    return [aligner] if isinstance(aligner, str) else list(aligner)
+    return [paths] if isinstance(paths, str) else list(paths)

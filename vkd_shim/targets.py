@@ -122,35 +122,44 @@ def _describe(root: nn.Module, found: dict[str, tuple[str, nn.Module] | None], a
     return f"{type(root).__name__} has {has} and {count} deepstack mergers{where} (searched {searched})"
 
 
-def vision_tower(model: nn.Module, aligner: Sequence[str] | None = None) -> nn.Module | None:
-    """The module holding the merger (``model.visual``): everything the captured outputs depend on."""
+def vision_tower(
+    model: nn.Module, aligner: Sequence[str] | None = None, tower: Sequence[str] | None = None
+) -> nn.Module | None:
+    """The vision tower the captured outputs depend on: ms-swift's declared ``vision_tower`` (``tower``; with
+    several, the one holding the merger, as Qwen's ``model.visual`` does), else the merger's parent."""
     root = unwrap(model)
     found = _locate(root, aligner)
     located = found[MERGER] or found[DEEPSTACK]
     if located is None:
         return None
+    declared = [(path, module) for path in tower or () if (module := _lookup(root, path)) is not None]
+    holding = [module for path, module in declared if located[0].startswith(path + ".")]
+    if holding or declared:
+        return (holding or [declared[0][1]])[0]
     parent = located[0].rpartition(".")[0]
     return _lookup(root, parent) if parent else root
 
 
-def upstream_parameters(model: nn.Module, target: Target, aligner: Sequence[str] | None = None) -> list[nn.Parameter]:
+def upstream_parameters(
+    model: nn.Module, target: Target, aligner: Sequence[str] | None = None, tower: Sequence[str] | None = None
+) -> list[nn.Parameter]:
     """The parameters a target's feature depends on (what the term can move): ``vit`` the ViT's own,
     ``merger`` those plus the merger's, ``deepstack_i`` the ViT up to the block it taps
     (``deepstack_visual_indexes``) plus its merger. Without that attribute every block counts."""
     root = unwrap(model)
     found = _locate(root, aligner)
-    tower = vision_tower(root, aligner)
-    if tower is None:
+    vit_module = vision_tower(root, aligner, tower)
+    if vit_module is None:
         return []
     merger = found[MERGER][1] if found[MERGER] else None
     deepstack = found[DEEPSTACK][1] if found[DEEPSTACK] else nn.ModuleList()
     own = {id(p) for m in (merger, *deepstack) if m is not None for p in m.parameters()}
-    blocks = getattr(tower, "blocks", None)
-    taps = getattr(tower, "deepstack_visual_indexes", None)
+    blocks = getattr(vit_module, "blocks", None)
+    taps = getattr(vit_module, "deepstack_visual_indexes", None)
     later_blocks: set[int] = set()
     if target.kind == DEEPSTACK and isinstance(blocks, nn.ModuleList) and taps is not None:
         later_blocks = {id(p) for block in blocks[taps[target.index] + 1 :] for p in block.parameters()}
-    vit = [p for p in tower.parameters() if id(p) not in own and id(p) not in later_blocks]
+    vit = [p for p in vit_module.parameters() if id(p) not in own and id(p) not in later_blocks]
     if target.kind == MERGER and merger is not None:
         return [*vit, *merger.parameters()]
     if target.kind == DEEPSTACK:
@@ -158,9 +167,14 @@ def upstream_parameters(model: nn.Module, target: Target, aligner: Sequence[str]
     return vit
 
 
-def frozen_targets(model: nn.Module, targets: Iterable[Target], aligner: Sequence[str] | None = None) -> list[Target]:
+def frozen_targets(
+    model: nn.Module,
+    targets: Iterable[Target],
+    aligner: Sequence[str] | None = None,
+    tower: Sequence[str] | None = None,
+) -> list[Target]:
     """Targets whose feature depends on no trainable parameter: a term on them is a constant."""
-    return [t for t in targets if not any(p.requires_grad for p in upstream_parameters(model, t, aligner))]
+    return [t for t in targets if not any(p.requires_grad for p in upstream_parameters(model, t, aligner, tower))]
 
 
 def resolve_targets(
