@@ -66,13 +66,18 @@ ALLOWED: dict[str, set[str]] = {
         "telemetry",
         "wrapt",
         "swift",
+        "doctor_tree",
+    },
+    "doctor_tree": {
         "torch",
         "transformers",
         "peft",
+        "swift",
         "families",
         "pairing",
+        "preflight",
+        "swift_layouts",
         "targets",
-        "runtime",
     },
     "demo": {"examples", "testing.launch"},
     "testing": set(),
@@ -86,7 +91,7 @@ ALLOWED: dict[str, set[str]] = {
     "testing.launch": {"testing.data", "testing.kits", "testing.models"},
 }
 #: (module, bootstrap modules) that must never be imported by product code.
-NEVER_IMPORTED = {"cli", "doctor", "demo", "testing"}
+NEVER_IMPORTED = {"cli", "doctor", "doctor_tree", "demo", "testing"}
 
 
 def module_name(path: Path) -> str:

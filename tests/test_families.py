@@ -9,7 +9,8 @@ ms-swift. The Qwen3-VL-MoE teacher of another width (`relation`) is in tests/tes
 refusal of the same pair; pairs that cannot work are refused in tests/test_families_preflight.py, in process
 on the real configs and ms-swift's registry, and once through a real launch in tests/test_e2e.py.
 
-Cost: 7 training runs of 3 steps (20-35 s each on 2 CPU cores) and one doctor call.
+Cost: 9 training runs of 3 steps (15-20 s each on 2 quiet CPU cores; the equality test runs three), one run
+that stops at trainer construction, one doctor call: about 2.5 minutes.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from e2e_support import (
     launch,
     named,
     read_jsonl,
+    report,
     run_dir,
     swift_env,
     train_rows,
@@ -111,6 +113,7 @@ def test_the_shipped_configs_train_a_qwen3_5_moe_student_on_its_merger_without_e
     assert "family: student Qwen3.5-MoE (Qwen3_5MoeForConditionalGeneration)" in lines
     assert "family: teacher Qwen3.5 (Qwen3_5ForConditionalGeneration)" in lines
     assert "aligner (ms-swift registry): ['model.visual.merger']" in lines
+    assert "modules: merger -> model.visual.merger" in lines, verdict.stdout
     assert any("optional target(s) deepstack left out" in line for line in lines), verdict.stdout
     assert not out.exists(), "the doctor ran nothing"
 
@@ -182,3 +185,17 @@ def test_a_merger_only_family_distils_its_aligner_and_vit_output(family, tmp_pat
     assert attach["families"] == {"student": LABELS[family], "teacher": LABELS[family]}
     assert attach["modules"] == {"merger": MERGER_ONLY[family], "vit": f"{MERGER_ONLY[family]} (input)"}
     assert attach["left_out"] == ["deepstack"]
+
+
+def test_gemma_3_under_lora_with_a_frozen_vit_is_refused_not_trained_with_a_constant(tmp_path_factory, swift_cache):
+    """Gemma 3's projector is a bare matrix that LoRA gives no adapter, so with ms-swift's frozen ViT nothing upstream
+    of the aligner output can move (its parent module holds the language model, which must not count): the run
+    stops at trainer construction, naming why, instead of adding a constant term."""
+    assets = build(tmp_path_factory, "gemma3_vision")
+    out = tmp_path_factory.mktemp("gemma3_frozen") / "out"
+    argv = [VKD_RUN, "--config", SHIPPED, *kit.gkd_command(assets, out, *STEPS)]
+    proc = launch(argv, swift_env(swift_cache))
+    assert proc.returncode != 0, report(proc)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "nothing upstream of the captured aligner outputs (merger) is trainable" in last, report(proc)
+    assert "Gemma 3's projector matrix" in last and "--freeze_vit false" in last, report(proc)

@@ -184,6 +184,7 @@ def _launch(report: _Report, launch: list[str], layout: Any) -> None:
     """The launch as the vision-KD run would see it, whatever this shell's switch says: a user who asks
     the doctor is asking about vision KD."""
     from vkd_shim import config, patches, preflight, swift_layouts
+    from vkd_shim import doctor_tree as tree
     from vkd_shim.errors import ConfigError, VisionKDError
 
     inline = source = args = None
@@ -239,88 +240,12 @@ def _launch(report: _Report, launch: list[str], layout: Any) -> None:
     report.line(f"engine: {_engine(args, preflight.fsdp_version(args))}")
     for refusal in preflight.check(args, resolved.config, layout):
         report.problem(f"vision KD refused: {refusal.reason}. Fix: {refusal.fix}.")
-    _targets(report, args, resolved.config)
+    tree.targets(report, args, resolved.config)
     for note in preflight.notes(args, resolved.config):
         report.line(f"note: {note}")
     chosen = preflight.chosen_by_name(args)
     if chosen and not resolved.config.monitor:
-        _trainable_by_name(report, args, resolved.config, chosen)
-
-
-def _targets(report: _Report, args: Any, config: Any) -> None:
-    """The family of each model, the aligner ms-swift's registry names, and the targets that apply to this pair."""
-    from vkd_shim import families, pairing, preflight
-
-    documents = preflight.model_documents(args)
-    for role, label in pairing.labels(documents).items():
-        report.line(f"family: {role} {label} ({families.architecture(documents[role])})")
-    report.line(f"aligner (ms-swift registry): {preflight.registry_aligner(args) or 'none recorded'}")
-    applied, left_out = pairing.target_plan(config, documents)
-    report.line(f"TARGETS: {', '.join(applied) or 'none'}" + (f"; left out: {', '.join(left_out)}" if left_out else ""))
-
-
-def _trainable_by_name(report: _Report, args: Any, config: Any, chosen: dict[str, Any]) -> None:
-    """Trainability chosen by name or regex: the run's exact check at trainer construction, run before any load.
-
-    The student's module tree is built from its ``config.json`` on the meta device (no weights, no memory);
-    ms-swift's own functions (full tuning) or peft's target matching (LoRA ``target_regex``) set
-    ``requires_grad`` as the run will; then :func:`vkd_shim.targets.frozen_targets` decides, as at trainer
-    construction. Where the tree cannot be built (a hub id, an architecture transformers does not know), the
-    doctor says it cannot tell, and the run decides after both models load.
-    """
-    import torch
-    import transformers
-
-    from vkd_shim import pairing, preflight, swift_layouts, targets
-
-    shown = ", ".join(f"{name}={value!r}" for name, value in chosen.items())
-    path = getattr(args, "model_dir", None) or getattr(args, "model", None)
-    try:
-        with torch.device("meta"):
-            model = transformers.AutoModelForImageTextToText.from_config(transformers.AutoConfig.from_pretrained(path))
-        model.model_meta = getattr(args, "model_meta", None)
-        _set_trainable_as_ms_swift(model, args)
-        documents = preflight.model_documents(args)
-        layers, _, _ = pairing.deepstack_plan(config, documents)
-        aligner = swift_layouts.aligner_paths(model)
-        found = targets.resolve_targets(model, pairing.target_plan(config, documents)[0], layers, aligner)
-        frozen = targets.frozen_targets(model, found, aligner, swift_layouts.vision_tower_paths(model))
-    except Exception as exc:
-        report.line(
-            f"trainability chosen by name ({shown}): cannot be told before loading ({type(exc).__name__}: {exc});"
-            " the run checks it after both models load and stops there if no target can move"
-        )
-        return
-    if frozen:
-        refusal = preflight.frozen([t.name for t in frozen], every=len(frozen) == len(found))
-        report.problem(f"vision KD refused: {refusal.reason} (with {shown}). Fix: {refusal.fix}.")
-    else:
-        report.line(f"trainability chosen by name ({shown}): every target has a trainable parameter upstream")
-
-
-def _set_trainable_as_ms_swift(model: Any, args: Any) -> None:
-    """``requires_grad`` as ms-swift's tuner sets it: its own freeze/activate functions under full tuning; under
-    LoRA the modules peft would adapt (``target_regex``, matched by peft) and ``modules_to_save``."""
-    import torch
-    from peft import LoraConfig
-    from peft.tuners.tuners_utils import check_target_module_exists
-    from swift.utils.transformers_utils import activate_parameters, freeze_parameters
-
-    tuner = getattr(args, "tuner_type", None) or getattr(args, "train_type", None)
-    if tuner == "full":
-        model.requires_grad_(True)
-        freeze_parameters(model, args.freeze_parameters_ratio, args.freeze_parameters, args.freeze_parameters_regex)
-        activate_parameters(model, args.trainable_parameters, args.trainable_parameters_regex)
-        return
-    model.requires_grad_(False)
-    lora = LoraConfig(target_modules=args.target_regex)
-    adaptable = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
-    saved = tuple(getattr(args, "modules_to_save", None) or ())
-    for name, module in model.named_modules():
-        if (isinstance(module, adaptable) and check_target_module_exists(lora, name)) or (
-            saved and name.endswith(saved)
-        ):
-            module.requires_grad_(True)
+        tree.trainable_by_name(report, args, resolved.config, chosen)
 
 
 def _engine(args: Any, fsdp_version: int | None) -> str:

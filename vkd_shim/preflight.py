@@ -61,7 +61,13 @@ NOT_RLHF = Refusal(
 def frozen(names: list[str], every: bool) -> Refusal:
     """The exact check at trainer construction: targets (by name) whose feature no trainable parameter feeds."""
     if every and "vit" not in names:
-        return FROZEN_VISION
+        return Refusal(
+            f"nothing upstream of the captured aligner outputs ({', '.join(names)}) is trainable: the term would be a"
+            " constant that moves nothing (a frozen aligner and ViT; or, under LoRA, an aligner without Linear"
+            " layers, such as Gemma 3's projector matrix, which gets no adapter even with --freeze_aligner false)",
+            "unfreeze what feeds them (--freeze_vit false, --freeze_aligner false, or --modules_to_save for an aligner"
+            " LoRA cannot adapt), or unset VKD_ENABLE",
+        )
     if names == ["vit"]:
         return FROZEN_VIT
     return Refusal(
