@@ -9,7 +9,7 @@ ms-swift's metric plumbing; only a real launch proves that the term reaches `log
 setup stops before any model loads, and that the switched-off path trains bit for bit as before.
 
 Cost: 13 training runs (the knob-off equality test runs four: plain, switch off, weight 0, monitored and
-fed non-finite features; monitoring text-only data two; a share one), 12 launches that stop before any
+fed non-finite features; monitoring text-only data two; a share one), 14 launches that stop before any
 model loads (each also asks the doctor), one checkpoint load through ms-swift's loader. Measured on 2 CPU
 cores shared with a niced experiment (load average about 2.3): 20-35 s per training run, 18-21 s per early
 stop; the whole file about 9 minutes.
@@ -572,6 +572,22 @@ REFUSALS = {
         ("no vision tower", "Qwen3-VL"),
     ),
     "switch_neither_on_nor_off": ({}, (), (), {"VKD_ENABLE": "2"}, ("VKD_ENABLE = '2'", "allowed values")),
+    # A pair across tokenizers: GKD compares the next-token distributions id by id.
+    "teacher_of_another_vocabulary": (
+        {},
+        ("--teacher_model",),
+        ("--teacher_model", "{qwen3_5_moe}"),
+        {},
+        ("vocabularies differ (vocab_size 151936 vs 248320)", "share a tokenizer"),
+    ),
+    # An aligner whose rows are not the visual tokens the language model reads.
+    "teacher_whose_aligner_does_not_fit": (
+        {},
+        ("--teacher_model",),
+        ("--teacher_model", "{llava_onevision}"),
+        {},
+        ("is a LlavaOnevisionForConditionalGeneration", "image_newline", "Model families"),
+    ),
     # The shipped configs leave deepstack optional; a user who names it asks for it, and Qwen3.5 has none.
     "deepstack_named_on_a_merger_only_family": (
         {"targets": ["merger", "deepstack"]},
@@ -590,7 +606,18 @@ def variants(gkd_assets, tmp_path_factory) -> dict:
         "deep_teacher": model_variant(gkd_assets, root / "deep", {"deepstack_visual_indexes": [0, 1, 2]}),
         "text_teacher": model_variant(gkd_assets, root / "text", None),
         **{family: config_only(root / family, family) for family in ("qwen3_5", "qwen3_5_moe")},
+        "llava_onevision": architecture_only(root / "llava_onevision", "LlavaOnevision"),
     }
+
+
+def architecture_only(path: Path, name: str) -> str:
+    """transformers' default config of an architecture, as its checkpoint's config.json names it."""
+    import transformers
+
+    config = getattr(transformers, f"{name}Config")()
+    config.architectures = [f"{name}ForConditionalGeneration"]
+    config.save_pretrained(path)
+    return str(path)
 
 
 def config_only(path: Path, family: str) -> str:
