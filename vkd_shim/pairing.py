@@ -6,7 +6,7 @@ fits), which vision geometry turns an image into visual tokens, how wide its ali
 mergers it has. :mod:`vkd_shim.preflight` asks this module about the models and the arguments about the rest;
 the runtime asks it again about the loaded models' configs, so both decide alike.
 
-Stdlib only, like the preflight.
+No torch and no ms-swift, like the preflight: it reads files and numbers.
 """
 
 from __future__ import annotations
@@ -35,8 +35,6 @@ class Refusal(NamedTuple):
 
 
 #: Fields that decide which visual tokens an image becomes; they must agree for any distance.
-
-
 GEOMETRY = ("patch_size", "spatial_merge_size", "temporal_patch_size", "image_size")
 
 
