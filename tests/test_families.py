@@ -159,12 +159,19 @@ def test_switched_off_and_monitored_qwen3_5_train_bit_for_bit_like_plain_swift(t
 
 #: family -> the module its registry entry (ms-swift's MultiModelKeys.aligner) resolves as the merger target.
 MERGER_ONLY = {
+    "qwen2_vl": "model.visual.merger",
     "qwen2_5_vl": "model.visual.merger",
     "gemma3_vision": "model.multi_modal_projector",
     "internvl": "model.multi_modal_projector",
     "glm4v": "model.visual.merger",
 }
-LABELS = {"qwen2_5_vl": "Qwen2.5-VL", "gemma3_vision": "Gemma 3", "internvl": "InternVL", "glm4v": "GLM-4.1V"}
+LABELS = {
+    "qwen2_vl": "Qwen2-VL",
+    "qwen2_5_vl": "Qwen2.5-VL",
+    "gemma3_vision": "Gemma 3",
+    "internvl": "InternVL",
+    "glm4v": "GLM-4.1V",
+}
 
 
 @pytest.mark.parametrize("family", sorted(MERGER_ONLY))

@@ -26,6 +26,7 @@ CONFIGS = {
     "qwen3_vl_moe": (qwen_families.qwen3_vl_moe_config, ("merger", "vit", "deepstack")),
     "qwen3_5": (qwen_families.qwen3_5_config, ("merger", "vit")),
     "qwen3_5_moe": (qwen_families.qwen3_5_moe_config, ("merger", "vit")),
+    "qwen2_vl": (qwen_families.qwen2_vl_config, ("merger", "vit")),
     "qwen2_5_vl": (qwen_families.qwen2_5_vl_config, ("merger", "vit")),
     "gemma3_vision": (other_families.gemma3_config, ("merger", "vit")),
     "internvl": (other_families.internvl_config, ("merger", "vit")),

@@ -53,6 +53,10 @@ FITS: Mapping[str, Family] = MappingProxyType(
         "Qwen3_5ForConditionalGeneration": Family("Qwen3.5", ("qwen3_5",), ("merger", "vit"), QWEN, _E2E),
         "Qwen3_5MoeForConditionalGeneration": Family("Qwen3.5-MoE", ("qwen3_5_moe",), ("merger", "vit"), QWEN, _E2E),
         "Qwen2_5_VLForConditionalGeneration": Family("Qwen2.5-VL", ("qwen2_5_vl",), ("merger", "vit"), QWEN, _E2E),
+        # Its vision_config calls the ViT's width embed_dim (hidden_size is the merger's output, the LM's width).
+        "Qwen2VLForConditionalGeneration": Family(
+            "Qwen2-VL", ("qwen2_vl",), ("merger", "vit"), QWEN, _E2E, vit_width="embed_dim"
+        ),
         # Pools the ViT's patches to a fixed 256 soft tokens per image ([images, 256, hidden]), read in order.
         "Gemma3ForConditionalGeneration": Family("Gemma 3", ("gemma3_vision",), ("merger", "vit"), "gemma3", _E2E),
         # Pixel-shuffle MLP over every tile ([tiles, 256, hidden]); the LM reads tile by tile, in order.

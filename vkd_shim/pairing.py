@@ -254,10 +254,10 @@ def _widths(student: dict[str, Any], teacher: dict[str, Any], config: VisualKDCo
         _text(d, "hidden_size") if v.get("out_hidden_size") is None else v["out_hidden_size"] for d, v in pairs
     ]
     checks = [("out_hidden_size", "aligners", [k for k in config.kinds if k != "vit"], out_width)]
-    found = families.family(families.architecture(student))
-    vit_field = found.vit_width if found else "hidden_size"
-    vit_width = [v.get(vit_field) for _, v in pairs]
-    checks.append((vit_field, "ViT outputs", [k for k in config.kinds if k == "vit"], vit_width))
+    found = [families.family(families.architecture(d)) for d in (student, teacher)]
+    fields = [getattr(family, "vit_width", "hidden_size") for family in found]
+    vit_width = [v.get(field) for (_, v), field in zip(pairs, fields, strict=True)]
+    checks.append(("/".join(dict.fromkeys(fields)), "ViT outputs", [k for k in config.kinds if k == "vit"], vit_width))
     for field, what, kinds, widths in checks:
         if kinds and None not in widths and widths[0] != widths[1]:
             out.append(

@@ -2,8 +2,8 @@
 
 One table for the suite, the demo and the benchmarks: a test names a family (or a student and a teacher family)
 and gets the saver, the ms-swift flags and whether the family trains video rows here, instead of each test
-knowing one family's quirks (Qwen3.5 and Qwen2.5-VL need ``--template`` because ms-swift has two candidates for
-their local directories; InternVL's transformers-native checkpoints use the ``internvl_hf`` template).
+knowing one family's quirks (Qwen3.5, Qwen2.5-VL, Qwen2-VL and GLM-4.1V need ``--template`` because ms-swift has
+two candidates for their local directories; InternVL's transformers-native checkpoints use ``internvl_hf``).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ KITS: dict[str, Kit] = {
     "qwen3_vl_moe": Kit("qwen3_vl_moe", qwen_families.save_qwen3_vl_moe, video=True),
     "qwen3_5": Kit("qwen3_5", qwen_families.save_qwen3_5, video=True, argv=("--template", "qwen3_5")),
     "qwen3_5_moe": Kit("qwen3_5_moe", qwen_families.save_qwen3_5_moe, video=True, argv=("--template", "qwen3_5")),
+    "qwen2_vl": Kit("qwen2_vl", qwen_families.save_qwen2_vl, video=True, argv=("--template", "qwen2_vl")),
     "qwen2_5_vl": Kit("qwen2_5_vl", qwen_families.save_qwen2_5_vl, video=True, argv=("--template", "qwen2_5_vl")),
     "gemma3_vision": Kit("gemma3_vision", other_families.save_gemma3_vision, video=False),
     "internvl": Kit("internvl", other_families.save_internvl, video=False, argv=("--template", "internvl_hf")),

@@ -326,3 +326,68 @@ def save_glm4v(out_dir: str | os.PathLike[str], seed: int = 0, **config_override
     # The three stop words of ms-swift's GLM-4 templates: end of text, the next user turn, a tool observation.
     eos = [ids[token][0] for token in ("<|endoftext|>", "<|user|>", "<|observation|>")]
     return _save(Path(out_dir), model, _glm4v_processor(), pad_token_id=eos[0], eos_token_id=eos, do_sample=False)
+
+
+# --- LLaVA-1.5 (-hf) -------------------------------------------------------------------------------------
+# llava-hf/llava-1.5-7b-hf (transformers' convert_llava_weights_to_hf.py): Vicuna's Llama tokenizer (<unk> 0,
+# <s> 1, </s> 2) plus <image> at 32000 (LlavaConfig's image_token_index default) and <pad> at 32001, the text
+# vocab padded to 32064. ms-swift's llava1_5_hf template emits <s>, </s> and <image> by string.
+LLAVA_VOCAB_SIZE = 32064
+LLAVA_ADDED_TOKENS: dict[str, tuple[int, bool]] = {
+    "<unk>": (0, True), "<s>": (1, True), "</s>": (2, True), "<image>": (32000, True), "<pad>": (32001, True),
+}  # fmt: skip
+# CLIP at 32 px / patch 8 = 16 patches plus CLS; the 'default' strategy drops CLS, so every image is 16 tokens
+# (the processor resizes the shortest edge to 32 and centre-crops, as the real one does at 336 px -> 576 tokens).
+_LLAVA_IMAGE = 32
+_LLAVA_PATCH = 8
+_LLAVA_SPECIAL = {"bos": "<s>", "eos": "</s>", "pad": "<pad>"}
+
+
+def _llava_ids() -> dict[str, int]:
+    """bos / eos / pad ids as the real text config and generation config hold them."""
+    return {f"{name}_token_id": LLAVA_ADDED_TOKENS[token][0] for name, token in _LLAVA_SPECIAL.items()}
+
+
+@functools.cache
+def llava_tokenizer() -> Any:
+    special = {f"{name}_token": token for name, token in _LLAVA_SPECIAL.items()}
+    return _tokenizer(LLAVA_ADDED_TOKENS, LLAVA_VOCAB_SIZE, unk_token="<unk>", **special)
+
+
+def llava_config(**overrides: Any) -> Any:
+    """Tiny `LlavaConfig` (Llama text, CLIP vision, the real -2 feature layer); sub-configs merge key by key."""
+    from transformers import LlavaConfig
+
+    text = {**_TINY_TEXT, **_llava_ids(), "model_type": "llama", "vocab_size": LLAVA_VOCAB_SIZE}
+    vision = {**_TINY_VISION, "model_type": "clip_vision_model", "image_size": _LLAVA_IMAGE, "patch_size": _LLAVA_PATCH}
+    return LlavaConfig(
+        text_config=_merged(text, overrides.pop("text_config", {})),
+        vision_config=_merged(vision, overrides.pop("vision_config", {})),
+        image_token_index=LLAVA_ADDED_TOKENS["<image>"][0],
+        image_seq_length=(_LLAVA_IMAGE // _LLAVA_PATCH) ** 2,
+        vision_feature_select_strategy="default",
+        **overrides,
+    )
+
+
+def _llava_processor() -> Any:
+    """ms-swift counts placeholders from the processor (patches + num_additional_image_tokens - 1 for 'default'):
+    with CLIP's CLS counted in and dropped again, they equal the projector's rows."""
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    normalize = {"image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}
+    crop = {"height": _LLAVA_IMAGE, "width": _LLAVA_IMAGE}
+    image = CLIPImageProcessor(size={"shortest_edge": _LLAVA_IMAGE}, crop_size=crop, **normalize)
+    geometry = {"patch_size": _LLAVA_PATCH, "vision_feature_select_strategy": "default"}
+    return LlavaProcessor(image_processor=image, tokenizer=llava_tokenizer(), num_additional_image_tokens=1, **geometry)
+
+
+def save_llava(out_dir: str | os.PathLike[str], seed: int = 0, **config_overrides: Any) -> Path:
+    """Save a random-init tiny LLaVA-1.5-hf that ms-swift loads with `--model_type llava1_5_hf` (its one template
+    is llava1_5_hf)."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(llava_config(**config_overrides)).eval()
+    return _save(Path(out_dir), model, _llava_processor(), **_llava_ids())

@@ -216,9 +216,10 @@ def qwen2_5_vl_config(**overrides: Any) -> Any:
     return type(base).from_dict(_merged(base.to_dict(), overrides))
 
 
-def qwen2_5_vl_processor() -> Any:
-    """Qwen2_5_VLProcessor with patch 14 / merge 2 image and video processors and CLIP normalization."""
-    from transformers import Qwen2_5_VLProcessor
+def qwen2_5_vl_processor(processor_class: str = "Qwen2_5_VLProcessor") -> Any:
+    """Qwen2.5-VL's (or, by class name, Qwen2-VL's) processor: patch 14 / merge 2 image and video processors and
+    CLIP normalization, the geometry both releases share."""
+    import transformers
     from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
@@ -240,7 +241,7 @@ def qwen2_5_vl_processor() -> Any:
         size={"shortest_edge": 4 * _QWEN2_5_VL_MERGED_PIXELS, "longest_edge": 64 * _QWEN2_5_VL_MERGED_PIXELS},
         **geometry,
     )
-    return Qwen2_5_VLProcessor(
+    return getattr(transformers, processor_class)(
         image_processor=image_processor, tokenizer=models.tokenizer(), video_processor=video_processor
     )
 
@@ -249,3 +250,39 @@ def save_qwen2_5_vl(out_dir: str | os.PathLike[str], seed: int = 0, **config_ove
     """Save a random-init tiny Qwen2.5-VL that ms-swift loads with `--model_type qwen2_5_vl`."""
     config = qwen2_5_vl_config(**config_overrides)
     return _save(out_dir, "Qwen2_5_VLForConditionalGeneration", config, qwen2_5_vl_processor(), QWEN_ADDED_TOKENS, seed)
+
+
+# Qwen2-VL's vision config names the ViT width embed_dim and the merger's output (the LM width) hidden_size.
+_QWEN2_VL_VISION = {
+    "depth": 2,
+    "embed_dim": 32,
+    "hidden_size": models._TEXT_CONFIG["hidden_size"],
+    "mlp_ratio": 2,
+    "num_heads": 2,
+    "patch_size": 14,
+    "spatial_merge_size": 2,
+    "temporal_patch_size": 2,
+}
+
+
+def qwen2_vl_config(**overrides: Any) -> Any:
+    """Tiny Qwen2-VL: Qwen2.5-VL's merger and geometry without window attention, the LM of Qwen2 with mrope."""
+    from transformers import Qwen2VLConfig
+
+    text = {k: v for k, v in models._TEXT_CONFIG.items() if k not in ("rope_parameters", "head_dim")}
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]}
+    ids = {"image_token_id": models.IMAGE_PAD_ID, "video_token_id": models.VIDEO_PAD_ID}
+    return Qwen2VLConfig(**_sub_configs(text, _QWEN2_VL_VISION, overrides), **ids, **overrides)
+
+
+def save_qwen2_vl(out_dir: str | os.PathLike[str], seed: int = 0, **config_overrides: Any) -> Path:
+    """Save a random-init tiny Qwen2-VL that ms-swift loads with `--model_type qwen2_vl`."""
+    processor = qwen2_5_vl_processor("Qwen2VLProcessor")
+    return _save(
+        out_dir,
+        "Qwen2VLForConditionalGeneration",
+        qwen2_vl_config(**config_overrides),
+        processor,
+        QWEN_ADDED_TOKENS,
+        seed,
+    )
