@@ -9,8 +9,8 @@ ms-swift. The Qwen3-VL-MoE teacher of another width (`relation`) is in tests/tes
 refusal of the same pair; pairs that cannot work are refused in tests/test_families_preflight.py, in process
 on the real configs and ms-swift's registry, and once through a real launch in tests/test_e2e.py.
 
-Cost: 9 training runs of 3 steps (15-20 s each on 2 quiet CPU cores; the equality test runs three), one run
-that stops at trainer construction, one doctor call: about 2.5 minutes.
+Cost: 11 training runs of 3 steps (15-20 s each on 2 quiet CPU cores; the equality test runs three), one run
+that stops at trainer construction, one doctor call: about 3 minutes.
 """
 
 from __future__ import annotations
@@ -164,6 +164,7 @@ MERGER_ONLY = {
     "gemma3_vision": "model.multi_modal_projector",
     "internvl": "model.multi_modal_projector",
     "glm4v": "model.visual.merger",
+    "llava1_5_hf": "model.multi_modal_projector",
 }
 LABELS = {
     "qwen2_vl": "Qwen2-VL",
@@ -171,6 +172,7 @@ LABELS = {
     "gemma3_vision": "Gemma 3",
     "internvl": "InternVL",
     "glm4v": "GLM-4.1V",
+    "llava1_5_hf": "LLaVA",
 }
 
 

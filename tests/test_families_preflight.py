@@ -31,6 +31,7 @@ CONFIGS = {
     "gemma3_vision": (other_families.gemma3_config, ("merger", "vit")),
     "internvl": (other_families.internvl_config, ("merger", "vit")),
     "glm4v": (other_families.glm4v_config, ("merger", "vit")),
+    "llava1_5_hf": (other_families.llava_config, ("merger", "vit")),
 }
 
 
@@ -122,8 +123,8 @@ def test_a_named_target_the_family_lacks_is_refused_and_an_optional_one_left_out
     [
         # transformers builds it; its projector output is unpadded and gains image_newline rows.
         ("LlavaOnevisionConfig", "llava_hf", "unpadded and interleaved with image_newline rows"),
-        # LLaVA-1.5's projector may well fit, but nobody has run it: not assumed.
-        ("LlavaConfig", "llava_hf", "has not verified that its aligner (model.multi_modal_projector)"),
+        # PaliGemma's projector may well fit, but nobody has run it: not assumed.
+        ("PaliGemmaConfig", "llava_hf", "has not verified that its aligner (model.multi_modal_projector)"),
     ],
 )
 def test_an_architecture_whose_aligner_does_not_fit_or_was_never_checked_is_refused(

@@ -61,6 +61,9 @@ FITS: Mapping[str, Family] = MappingProxyType(
         "Gemma3ForConditionalGeneration": Family("Gemma 3", ("gemma3_vision",), ("merger", "vit"), "gemma3", _E2E),
         # Pixel-shuffle MLP over every tile ([tiles, 256, hidden]); the LM reads tile by tile, in order.
         "InternVLForConditionalGeneration": Family("InternVL", ("internvl",), ("merger", "vit"), "internvl", _E2E),
+        # One projector row per CLIP patch, scattered in order into the <image> placeholders by the modeling code
+        # itself (transformers raises on a count mismatch): LLaVA-1.5 and every other LlavaForConditionalGeneration.
+        "LlavaForConditionalGeneration": Family("LLaVA", ("llava1_5_hf",), ("merger", "vit"), "llava", _E2E),
         # Qwen-VL-shaped merger under GLM's tokenizer (GLM-4.1V, GLM-4.6V-Flash); a downsampling convolution
         # before the merger already maps the ViT's patches to out_hidden_size.
         "Glm4vForConditionalGeneration": Family(

@@ -37,6 +37,7 @@ KITS: dict[str, Kit] = {
     "qwen2_5_vl": Kit("qwen2_5_vl", qwen_families.save_qwen2_5_vl, video=True, argv=("--template", "qwen2_5_vl")),
     "gemma3_vision": Kit("gemma3_vision", other_families.save_gemma3_vision, video=False),
     "internvl": Kit("internvl", other_families.save_internvl, video=False, argv=("--template", "internvl_hf")),
+    "llava1_5_hf": Kit("llava1_5_hf", other_families.save_llava, video=False),
     "glm4v": Kit("glm4v", other_families.save_glm4v, video=False, argv=("--template", "glm4v")),
 }
 

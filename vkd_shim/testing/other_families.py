@@ -1,13 +1,13 @@
-"""Tiny random-init checkpoints of three non-Qwen vision-language families, so vision KD meets aligners that are
+"""Tiny random-init checkpoints of four non-Qwen vision-language families, so vision KD meets aligners that are
 not Qwen's merger: Gemma 3 (``gemma3_vision``), InternVL3 in its transformers-native form (``internvl``), GLM-4.1V
-(``glm4v``).
+(``glm4v``) and LLaVA-1.5 (``llava1_5_hf``: CLIP, a two-layer MLP projector, Llama).
 
 Chosen for what is distilled today and for the aligner shapes they cover: Gemma 3's 4B / 12B / 27B share a SigLIP
 tower and a pooling projector emitting ``[images, 256, hidden]``; InternVL3 / 3.5's 1B..78B ladders share
 InternViT and a pixel-shuffle MLP emitting ``[tiles, 256, hidden]`` (a varying number of tiles per image); GLM-4.1V
 (and GLM-4.6V-Flash) has a Qwen-VL-like flat ``[tokens, hidden]`` merger under another tokenizer. In all three the
 aligner's output rows are the rows the language model scatters into its image placeholders, in order
-(`aligner_fit` measures it); LLaVA-OneVision's are not (unpadded, then ``image_newline`` rows are added).
+(tests/test_families_fit.py measures it); LLaVA-OneVision's are not (unpadded, then ``image_newline`` rows are added).
 
 Each directory holds what a hub snapshot holds (config, safetensors, tokenizer, processor, generation config), the
 family's special tokens at their real ids (ms-swift's templates hard-code some ids and emit the strings of the
