@@ -21,6 +21,10 @@ VKD_SHIM = Path(sys.executable).with_name("vkd-shim")
 #: tests/poison_harness: with E2E_POISON_FEATURES=1, what the shim reads turns non-finite (its docstring).
 POISON_HARNESS = Path(__file__).resolve().parent / "poison_harness"
 
+#: The shipped base + Stage-3 overlay, as a user's VKD_CONFIG lists them.
+SHIPPED_CONFIGS = tuple(
+    Path(__file__).resolve().parents[1] / "configs" / name for name in ("visual_kd_base.yaml", "stage3_visual_kd.yaml")
+)
 TRAIN_TIMEOUT_S = 600
 FAIL_FAST_TIMEOUT_S = 240
 

@@ -32,6 +32,7 @@ from e2e_support import (
     LOADER_MARKER,
     POISON_HARNESS,
     PROBE_FILE_ENV,
+    SHIPPED_CONFIGS,
     VKD_RUN,
     VKD_SHIM,
     eval_rows,
@@ -57,7 +58,6 @@ from vkd_shim.testing import launch as kit
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED_CONFIGS = (REPO / "configs" / "visual_kd_base.yaml", REPO / "configs" / "stage3_visual_kd.yaml")
 PIPELINE_POINT = "swift.pipelines.train.rlhf:SwiftRLHF._prepare_model_tokenizer"
 TRAINER_POINTS = {f"{GKD_MODULE}:GKDTrainer.{name}" for name in ("__init__", "compute_loss", "log")}
 TARGETS = ["merger", "deepstack_0", "deepstack_1"]

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 from e2e_support import (
     FAIL_FAST_TIMEOUT_S,
+    SHIPPED_CONFIGS,
     VKD_RUN,
     VKD_SHIM,
     launch,
@@ -41,8 +42,7 @@ from vkd_shim.testing import launch as kit
 
 pytestmark = pytest.mark.e2e
 
-REPO = Path(__file__).resolve().parents[1]
-SHIPPED = os.pathsep.join(str(REPO / "configs" / name) for name in ("visual_kd_base.yaml", "stage3_visual_kd.yaml"))
+SHIPPED = os.pathsep.join(map(str, SHIPPED_CONFIGS))
 #: Three steps: the Stage-3 overlay ramps the weight over two, so steps 2 and 3 carry a positive term.
 STEPS = ("--max_steps", "3", "--eval_steps", "3", "--save_strategy", "no")
 #: Every row an image: each step carries visual tokens (the text-only path is tested on Qwen3-VL).

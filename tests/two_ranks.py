@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import pytest
-from e2e_support import VKD_RUN, free_port, numbers  # noqa: F401 (numbers: the suites import it from here)
+from e2e_support import SHIPPED_CONFIGS, VKD_RUN, free_port, numbers  # noqa: F401 (numbers: the suites import it from here)
 
 from vkd_shim.bootstrap import BOOTSTRAP_DIR
 from vkd_shim.testing import launch as kit
@@ -31,7 +31,6 @@ from vkd_shim.testing import launch as kit
 TESTS = Path(__file__).resolve().parent
 CHECKPOINT_PROBE = TESTS / "checkpoint_probe.py"
 RANK_EXIT = TESTS / "rank_exit"  # last on every run's PYTHONPATH: see its sitecustomize
-SHIPPED_CONFIGS = [TESTS.parent / "configs" / name for name in ("visual_kd_base.yaml", "stage3_visual_kd.yaml")]
 TIMEOUT_S = 900
 STEPS = 3
 REL, ABS = 1e-4, 2e-8
