@@ -232,8 +232,10 @@ class TrainerKD:
         captured rows follow this order. The grids are tiny; the model itself reads them on the host. Families
         without grids (LLaVA, Gemma 3, ...) give None: their aligner's [images, tokens, hidden] output says it.
         """
+        if self.config.distance not in RELATION_DISTANCES:
+            return None  # every other distance: nothing to read on the step
         grids = [g for g in map(model_inputs.get, ("image_grid_thw", "video_grid_thw")) if g is not None]
-        if self.config.distance not in RELATION_DISTANCES or not grids:
+        if not grids:
             return None
         patches = [int(t) * int(h) * int(w) for grid in grids for t, h, w in grid.tolist()]
         return {t: patches if t.kind == VIT else [n // self.merge for n in patches] for t in self.weights}
